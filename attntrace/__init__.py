@@ -1,0 +1,28 @@
+"""attntrace: trace, explain and debug scaled dot-product attention, step by step.
+
+    >>> import attntrace
+    >>> spec = attntrace.load_spec("configs/seed002_abc.yaml")
+    >>> trace = attntrace.run(spec)
+    >>> trace["attn.hook_pattern"]        # (batch, n_heads, seq_q, seq_k)
+
+Imports are lazy so that `attntrace --help` starts instantly.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["load_spec", "load_spec_text", "run", "Trace", "Spec", "AttnTraceError", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("load_spec", "load_spec_text", "Spec"):
+        from . import spec
+        return getattr(spec, name)
+    if name == "run":
+        from .engine import run
+        return run
+    if name == "Trace":
+        from .trace import Trace
+        return Trace
+    if name == "AttnTraceError":
+        from .errors import AttnTraceError
+        return AttnTraceError
+    raise AttributeError(f"module 'attntrace' has no attribute {name!r}")
