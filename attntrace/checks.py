@@ -1,13 +1,14 @@
 """Invariant checks that run with every trace (cheap: one pass over an array).
 
-Each check sees the live arrays of the run through a :class:`CheckContext`
+Each check returns a list of diagnoses (empty when clean) or None when it
+does not apply (no mask, say).  It sees the live arrays of the run through a :class:`CheckContext`
 right after its step, so it works even when the engine does not keep the
 array.  A violation is a warning :class:`~attntrace.errors.Diagnosis`
 (``ATT-W2xx``); ``--strict`` turns warnings into a failure.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -49,11 +50,20 @@ class CheckContext:
         return f"{i} '{tokens[i]}'" if i < len(tokens) else str(i)
 
 
+def describes(text: str):
+    """Name what a check verifies, for the ✓ lines of a clean run."""
+    def mark(fn):
+        fn.describes = text
+        return fn
+    return mark
+
+
 def _where(index) -> str:
     b, h, q = (int(i) for i in index)
     return f"batch {b}, head {h}, query {q}" if b else f"head {h}, query {q}"
 
 
+@describes("every row of weights sums to 1")
 def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
     pattern = ctx.values["pattern"]
     sums = pattern.sum(axis=-1, dtype=np.float64)
@@ -72,10 +82,11 @@ def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
                      hint="softmax must normalise over the key axis (axis=-1)")]
 
 
+@describes("masked positions get exactly zero weight")
 def masked_weights_are_zero(ctx: CheckContext) -> List[Diagnosis]:
     keep = ctx.values.get("mask")
     if keep is None:
-        return []
+        return None
     pattern = ctx.values["pattern"]
     leak = np.where(keep, 0.0, np.abs(pattern))
     if not (leak > 0).any():
@@ -87,10 +98,11 @@ def masked_weights_are_zero(ctx: CheckContext) -> List[Diagnosis]:
                           "negative number) where attending is blocked")]
 
 
+@describes("every query may attend to at least one key")
 def fully_masked_rows(ctx: CheckContext) -> List[Diagnosis]:
     keep = ctx.values.get("mask")
     if keep is None:
-        return []
+        return None
     empty = ~keep.any(axis=-1)              # (batch or 1, 1, seq_q)
     if not empty.any():
         return []
@@ -101,12 +113,13 @@ def fully_masked_rows(ctx: CheckContext) -> List[Diagnosis]:
                      hint="check the mask: every query usually needs at least one visible key")]
 
 
+@describes("scores are scaled by the planned factor")
 def scale_matches_plan(ctx: CheckContext) -> List[Diagnosis]:
     # qk's buffer may already hold the scaled values (in place): compare corners
     qk, scaled = ctx.corner("qk"), ctx.corner("scaled", ctx.values["scaled"])
     expected = ctx.plan.scale
     if ctx.plan.positional == "alibi":
-        return []
+        return None
     nonzero = np.abs(qk) > 1e-12
     if not nonzero.any():
         return []
@@ -121,6 +134,7 @@ def scale_matches_plan(ctx: CheckContext) -> List[Diagnosis]:
 
 
 def no_nonfinite(key: str) -> Callable[[CheckContext], List[Diagnosis]]:
+    @describes(f"no NaN or inf in {key}")
     def check(ctx: CheckContext) -> List[Diagnosis]:
         stats = ctx.stats(key)
         # -inf is how blocked positions look before softmax: allowed in masked scores
@@ -152,11 +166,18 @@ def checks_for(key: str) -> List[Callable[[CheckContext], List[Diagnosis]]]:
     return found
 
 
-def run_step_checks(key: str, ctx: CheckContext) -> List[Diagnosis]:
-    out: List[Diagnosis] = []
+def run_step_checks(key: str, ctx: CheckContext) -> Tuple[List[Diagnosis], List[str]]:
+    """The diagnoses of the checks after step `key`, and what the clean ones verified."""
+    found: List[Diagnosis] = []
+    passed: List[str] = []
     for check in checks_for(key):
-        out.extend(check(ctx))
-    return out
+        result = check(ctx)        # None: the check does not apply to this run
+        if result is None:
+            continue
+        found.extend(result)
+        if not result and check.describes and not check.describes.startswith("no NaN"):
+            passed.append(check.describes)
+    return found, passed
 
 
 def first_warning(diagnoses: List[Diagnosis]) -> Optional[Diagnosis]:

@@ -247,8 +247,12 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
         if step.key == "pattern":
             trace.winners = row_winners(array)
         if check:
-            trace.diagnoses.extend(checks_mod.run_step_checks(step.key, ctx))
+            found, passed = checks_mod.run_step_checks(step.key, ctx)
+            trace.diagnoses.extend(found)
+            trace.checks_passed.extend(passed)
         _release(state, step.key)
+    if check and not any(d.code == "ATT-W204" for d in trace.diagnoses):
+        trace.checks_passed.append("no NaN or inf in any step")
     return trace
 
 

@@ -79,6 +79,12 @@ class Plan:
                 return step
         raise KeyError(key)
 
+    def step_for_hook(self, hook: str) -> Step:
+        for step in self.steps:
+            if step.hook == hook:
+                return step
+        raise KeyError(hook)
+
     @property
     def hooks(self) -> List[str]:
         return [s.hook for s in self.steps]
@@ -157,7 +163,8 @@ def build_plan(*, batch: Dim, seq_q: Dim, seq_k: Dim, d_model: Dim, n_heads: Dim
         Step("z_concat", "attn.hook_z_concat", "concat heads",
              "(seq_q×n_heads×d_v) → (seq_q×n_heads·d_v)", ("z",)),
         Step("out", "hook_attn_out", f"out = concat·W_o{wt}" if has_w_o else "out = concat (no W_o)",
-             "(seq_q×n_heads·d_v)·(n_heads·d_v×d_out) → (seq_q×d_out)", ("concat", "W_o") if has_w_o else ("concat",)),
+             "(seq_q×n_heads·d_v)·(n_heads·d_v×d_out) → (seq_q×d_out)" if has_w_o else
+             "(seq_q×n_heads·d_v) → (seq_q×d_out), d_out = n_heads·d_v", ("concat", "W_o") if has_w_o else ("concat",)),
     ]
     for number, step in enumerate(steps, start=1):
         step.number, step.total = number, len(steps)

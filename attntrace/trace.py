@@ -32,6 +32,7 @@ class Trace:
     previews: Dict[str, Preview] = field(default_factory=dict)      # big hooks not kept
     winners: Optional[Tuple[np.ndarray, np.ndarray]] = None         # pattern: per-row max, argmax
     diagnoses: List[Diagnosis] = field(default_factory=list)
+    checks_passed: List[str] = field(default_factory=list)        # what the clean checks verified
 
     def __getitem__(self, name: str) -> np.ndarray:
         hook = resolve_hook_name(name, available=self.plan.hooks)

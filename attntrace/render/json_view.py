@@ -1,0 +1,45 @@
+"""A trace as a JSON document (stable keys; see the README's "JSON output")."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from ..trace import DISPLAY_AXES
+
+VALUES_LIMIT = 4096      # hooks with at most this many values carry them in full
+
+
+def trace_to_json(trace, exit_code: int = 0, values_limit: int = VALUES_LIMIT) -> Dict[str, Any]:
+    plan, spec = trace.plan, trace.spec
+    steps = []
+    for step in plan.steps:
+        entry: Dict[str, Any] = {
+            "number": step.number, "key": step.key, "hook": step.hook, "title": step.title,
+            "rule": step.rule, "axes": list(step.axes), "shape": list(trace.stats[step.hook].shape),
+            "stats": trace.stats[step.hook].to_json(),
+        }
+        array = trace.arrays.get(step.hook)
+        if array is not None and array.size <= values_limit:
+            entry["values"] = array
+        else:
+            source = trace.previews.get(step.hook)
+            if source is not None:
+                rows, cols, _ = DISPLAY_AXES[step.hook]
+                entry["preview"] = {"row_axis": rows, "col_axis": cols, "rows": source.rows,
+                                    "cols": source.cols, "values": source.values}
+        steps.append(entry)
+    document: Dict[str, Any] = {
+        "attntrace": 1,
+        "name": spec.name,
+        "exit_code": exit_code,
+        "tokens": spec.tokens,
+        "key_tokens": spec.key_tokens,
+        "dims": {name: dim.size for name, dim in plan.dims.items()},
+        "scale": plan.scale,
+        "dtype": trace.dtype,
+        "steps": steps,
+        "checks_passed": trace.checks_passed,
+        "diagnoses": [d.to_json() for d in trace.diagnoses],
+    }
+    if trace.winners is not None and trace.winners[0].size <= values_limit:
+        document["pattern_row_max"] = {"weight": trace.winners[0], "key": trace.winners[1]}
+    return document

@@ -1,0 +1,185 @@
+"""A trace for people: each step with its formula, named shape, range and matrices."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+from rich.columns import Columns
+from rich.console import Group
+from rich.panel import Panel
+from rich.rule import Rule
+from rich.text import Text
+
+from ..stats import edge_indices
+from ..trace import DISPLAY_AXES
+from .diagnosis import diagnosis_panel
+from .matrix import MatrixView, fmt_number, matrix_table
+
+SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
+
+
+@dataclass
+class ViewOptions:
+    steps: Optional[Sequence[str]] = None    # hook names to show; None = all
+    heads: Optional[Sequence[int]] = None    # head indices to show; None = all
+    batch: Optional[int] = None              # batch item; None = all when few
+    precision: int = 4
+    max_rows: int = 12                       # beyond this, elide like numpy (edge rows each side)
+    edge: int = 4
+    max_batch_shown: int = 4
+    notes: List[str] = field(default_factory=list)
+
+
+def named_shape(trace, hook: str) -> str:
+    """(seq=4, d_head=2): batch and head axes are shown only when larger than 1."""
+    plan = trace.plan
+    axes = plan.step_for_hook(hook).axes
+    parts = []
+    for axis in axes:
+        size = plan.size(axis)
+        if axis in ("batch", "n_heads", "n_kv_heads", "1") and size == 1:
+            continue
+        name = axis
+        if not plan.cross and hook not in SCORE_HOOKS and axis in ("seq_q", "seq_k"):
+            name = "seq"
+        parts.append(f"{name}={size}")
+    return "(" + ", ".join(parts) + ")"
+
+
+def _labels(tokens: Sequence[str], indices: np.ndarray, prefix: str = "") -> List[str]:
+    return [f"{prefix}{i}" if i >= len(tokens) else str(tokens[i]) for i in indices]
+
+
+def _axis_labels(trace, hook: str, axis_name: str, indices: np.ndarray) -> List[str]:
+    spec = trace.spec
+    if axis_name == "seq_q":
+        return _labels(spec.tokens, indices)
+    if axis_name == "seq_k":
+        return _labels(spec.key_tokens, indices)
+    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "n_heads·d_v": "c"}.get(axis_name, "")
+    return [f"{short}{i}" for i in indices]
+
+
+def _matrices(trace, hook: str, options: ViewOptions):
+    """Yield (title, MatrixView) for every batch item and head shown."""
+    plan = trace.plan
+    step = plan.step_for_hook(hook)
+    row_axis, col_axis, head_axis = DISPLAY_AXES[hook]
+    full = trace.arrays.get(hook)
+    if full is not None:
+        n_rows, n_cols = full.shape[row_axis], full.shape[col_axis]
+        rows = edge_indices(n_rows, options.edge) if n_rows > options.max_rows else np.arange(n_rows)
+        cols = edge_indices(n_cols, options.edge) if n_cols > options.max_rows else np.arange(n_cols)
+        data = np.take(np.take(full, rows, axis=row_axis), cols, axis=col_axis)
+    else:
+        pv = trace.previews[hook]
+        rows, cols, data, n_rows, n_cols = pv.rows, pv.cols, pv.values, pv.full_rows, pv.full_cols
+    batch = data.shape[0]
+    batches = [options.batch] if options.batch is not None else list(range(min(batch, options.max_batch_shown)))
+    if options.batch is None and batch > options.max_batch_shown:
+        options.notes.append(f"{hook}: showing batch items 0–{options.max_batch_shown - 1} of {batch} (use --batch)")
+    heads = [0] if head_axis is None else (
+        [h for h in (options.heads if options.heads is not None else range(data.shape[head_axis]))
+         if h < data.shape[head_axis]])
+    row_name, col_name = step.axes[row_axis], step.axes[col_axis]
+    row_labels = _axis_labels(trace, hook, row_name, rows)
+    col_labels = _axis_labels(trace, hook, col_name, cols)
+    is_pattern = hook == "attn.hook_pattern"
+    for b in batches:
+        for h in heads:
+            index = [b] + [slice(None)] * (data.ndim - 1)
+            if head_axis is not None:
+                index[head_axis] = h
+            matrix = data[tuple(index)]
+            title_bits = []
+            if batch > 1:
+                title_bits.append(f"batch {b}")
+            if head_axis is not None and data.shape[head_axis] > 1:
+                kv = hook in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k") and plan.size("n_kv_heads") != plan.size("n_heads")
+                title_bits.append(f"{'kv head' if kv else 'head'} {h}")
+            view = MatrixView(values=matrix, row_labels=row_labels, col_labels=col_labels, rows=rows, cols=cols,
+                              full_rows=n_rows, full_cols=n_cols, title=" · ".join(title_bits),
+                              diverging=hook not in ("attn.hook_pattern", "attn.hook_mask"),
+                              value_range=(0.0, 1.0) if is_pattern else None)
+            if is_pattern and trace.winners is not None:
+                top_w, top_k = trace.winners
+                view.row_top = [f"{fmt_number(float(top_w[b, h, r]), 2)} → {trace.spec.key_tokens[int(top_k[b, h, r])] if int(top_k[b, h, r]) < len(trace.spec.key_tokens) else int(top_k[b, h, r])}"
+                                for r in rows]
+                if len(cols) == n_cols:
+                    view.row_sums = matrix.sum(axis=-1)
+            yield view
+
+
+def _stats_line(trace, hook: str, precision: int) -> Text:
+    st = trace.stats[hook]
+    if st.true is not None:
+        total = int(np.prod(st.shape))
+        return Text(f"may attend: {st.true} of {total} (query, key) pairs; blocked: {total - st.true}", style="dim")
+    parts = [f"min {fmt_number(st.min, precision)}" if st.min is not None else "min -",
+             f"max {fmt_number(st.max, precision)}" if st.max is not None else "max -",
+             f"mean {fmt_number(st.mean, precision)}" if st.mean is not None else "mean -"]
+    if st.neginf:
+        parts.append(f"{st.neginf} × -inf (blocked)")
+    if st.nan:
+        parts.append(f"{st.nan} × NaN")
+    return Text("  ".join(parts), style="dim")
+
+
+def step_renderable(trace, step, options: ViewOptions):
+    hook = step.hook
+    header = Text.assemble((f"Step {step.number}/{step.total}  ", "bold"), (step.title, "bold cyan"),
+                           ("   " + hook, "magenta"))
+    body = [header,
+            Text.assemble(("shape ", "dim"), named_shape(trace, hook), ("   rule ", "dim"), (step.rule, "")),
+            _stats_line(trace, hook, options.precision)]
+    if hook == "attn.hook_scaled":
+        body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
+    tables = [matrix_table(view, options.precision) for view in _matrices(trace, hook, options)]
+    if len(tables) == 1:
+        body.append(tables[0])
+    elif tables:
+        body.append(Columns(tables, padding=(0, 3)))
+    return Group(*body)
+
+
+def header_renderable(trace) -> Panel:
+    plan, spec = trace.plan, trace.spec
+    dims = "  ".join(f"{name}={plan.size(name)}" for name in
+                     ("batch", "seq_q", "seq_k", "d_model", "n_heads", "n_kv_heads", "d_head", "d_v", "d_out")
+                     if not (name == "seq_k" and not plan.cross) and not (name == "n_kv_heads" and plan.size(name) == plan.size("n_heads"))
+                     and not (name == "d_v" and plan.size("d_v") == plan.size("d_head")))
+    tokens = " ".join(spec.tokens[:32]) + (" …" if len(spec.tokens) > 32 else "")
+    lines = [Text(dims), Text.assemble(("tokens ", "dim"), tokens)]
+    if spec.is_cross:
+        enc = " ".join(spec.key_tokens[:32]) + (" …" if len(spec.key_tokens) > 32 else "")
+        lines.append(Text.assemble(("encoder tokens ", "dim"), enc))
+    lines.append(Text.assemble(("scale ", "dim"), f"{plan.scale_text} = {plan.scale:.6g}",
+                               ("   mask ", "dim"), spec.attention.mask.describe(),
+                               ("   positional ", "dim"), spec.positional.kind,
+                               ("   layout ", "dim"), spec.attention.layout,
+                               ("   dtype ", "dim"), trace.dtype))
+    return Panel(Group(*lines), title=f"attntrace · {spec.name}", title_align="left", expand=False)
+
+
+def render_trace(console, trace, options: ViewOptions) -> None:
+    console.print(header_renderable(trace))
+    shown = set(options.steps) if options.steps is not None else None
+    for step in trace.plan.steps:
+        if shown is not None and step.hook not in shown:
+            continue
+        console.print(Rule(style="dim"))
+        console.print(step_renderable(trace, step, options))
+    console.print(Rule(style="dim"))
+    render_checks(console, trace)
+    for note in options.notes:
+        console.print(Text(note, style="dim"))
+
+
+def render_checks(console, trace) -> None:
+    for line in trace.checks_passed:
+        console.print(Text.assemble(("✓ ", "green bold"), line))
+    for d in trace.diagnoses:
+        console.print(diagnosis_panel(d))
+    if not trace.diagnoses:
+        console.print(Text("no warnings", style="green"))
