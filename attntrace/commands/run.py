@@ -35,11 +35,14 @@ def parse_steps(text, plan):
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
 @click.option("--precision", type=click.IntRange(0, 12), default=4, show_default=True, help="Decimals shown.")
 @click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@click.option("--heatmap/--values", default=None,
+              help="Score matrices as compact block heatmaps or as numbers (default: heatmaps when "
+                   "more than two heads or batch items are shown).")
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
 @click.option("--strict", is_flag=True, help="Exit 1 when any invariant check warns.")
 @format_option
 @handles_errors
-def run(spec, steps, heads, batch, precision, width, dtype, strict, fmt):
+def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
     Without SPEC, runs the built-in example: seed 000's four tokens "猫 抓 了 老鼠".
@@ -62,6 +65,7 @@ def run(spec, steps, heads, batch, precision, width, dtype, strict, fmt):
     else:
         from ..render.trace_view import ViewOptions, render_trace
         options = ViewOptions(steps=parse_steps(steps, trace.plan) if steps else None,
-                              heads=list(heads) or None, batch=batch, precision=precision)
+                              heads=list(heads) or None, batch=batch, precision=precision,
+                              heatmap=heatmap)
         render_trace(make_console(width), trace, options)
     raise SystemExit(exit_code)

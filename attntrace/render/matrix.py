@@ -105,3 +105,33 @@ def matrix_table(view: MatrixView, precision: int) -> Table:
         if _gap_after(view.rows, i):
             table.add_row(*([Text("⋮", style="dim")] + [Text("⋮", style="dim")] * (len(cells) - 1)))
     return table
+
+
+_SHADES = " ░▒▓█"
+
+
+def shade(value: float, lo: float, hi: float) -> str:
+    """A block character for a value, so heat survives without colour (NO_COLOR, pipes)."""
+    if not np.isfinite(value):
+        return "·"
+    t = 0.0 if hi == lo else (value - lo) / (hi - lo)
+    return _SHADES[min(int(t * len(_SHADES)), len(_SHADES) - 1)] * 2
+
+
+def heatmap_table(view: MatrixView) -> Table:
+    """A compact heatmap: two block characters a cell, labels on both axes (seed 004's grid)."""
+    values = view.values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = view.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+    table = Table(title=view.title or None, box=None, padding=0, pad_edge=False, show_header=False,
+                  title_justify="left", title_style="bold")
+    table.add_column(no_wrap=True)
+    for _ in range(values.shape[1]):
+        table.add_column(no_wrap=True)
+    for i, label in enumerate(view.row_labels):
+        cells = [Text(f"{label} ", style="bold")]
+        for j in range(values.shape[1]):
+            v = float(values[i, j])
+            cells.append(Text(shade(v, lo, hi), style=heat_style(v, lo, hi, view.diverging)))
+        table.add_row(*cells)
+    return table

@@ -14,7 +14,7 @@ from rich.text import Text
 from ..stats import edge_indices
 from ..trace import DISPLAY_AXES
 from .diagnosis import diagnosis_panel
-from .matrix import MatrixView, fmt_number, matrix_table
+from .matrix import MatrixView, fmt_number, heatmap_table, matrix_table
 
 SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
 
@@ -25,6 +25,7 @@ class ViewOptions:
     heads: Optional[Sequence[int]] = None    # head indices to show; None = all
     batch: Optional[int] = None              # batch item; None = all when few
     precision: int = 4
+    heatmap: Optional[bool] = None           # compact block heatmaps; None = when many panels
     max_rows: int = 12                       # beyond this, elide like numpy (edge rows each side)
     edge: int = 4
     max_batch_shown: int = 4
@@ -135,7 +136,11 @@ def step_renderable(trace, step, options: ViewOptions):
             _stats_line(trace, hook, options.precision)]
     if hook == "attn.hook_scaled":
         body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
-    tables = [matrix_table(view, options.precision) for view in _matrices(trace, hook, options)]
+    views = list(_matrices(trace, hook, options))
+    compact = options.heatmap if options.heatmap is not None else (hook in SCORE_HOOKS and len(views) > 2)
+    tables = [heatmap_table(v) if compact else matrix_table(v, options.precision) for v in views]
+    if compact and tables:
+        body.append(Text("heatmaps: ░ low … █ high (--values for numbers, --head N for one head)", style="dim"))
     if len(tables) == 1:
         body.append(tables[0])
     elif tables:
