@@ -105,8 +105,8 @@ def _from_mapping(value: dict, ctx: SourceContext, path: Sequence, allow_bool: b
         unknown = [str(k) for k in value if k not in SOURCE_KINDS and k != "key"]
         hint = None
         if unknown:
-            close = difflib.get_close_matches(unknown[0], SOURCE_KINDS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else None
+            close = difflib.get_close_matches(unknown[0], SOURCE_KINDS, n=2)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
         raise input_error(
             "ATT-E002", f"an array source needs exactly one of {', '.join(SOURCE_KINDS)}; got "
                         f"{', '.join(map(str, value)) or 'an empty mapping'}", ctx.locate(path), hint=hint)
@@ -153,6 +153,11 @@ def _resolve_file(name: Any, ctx: SourceContext, path: Sequence) -> Path:
 
 
 def _load_npy(file: Path, ctx: SourceContext, path: Sequence) -> np.ndarray:
+    with open(file, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            # np.load would take any other file for a pickle and say so: misleading
+            raise input_error("ATT-E013", f"{file.name} is not a .npy file (no NUMPY header)", ctx.locate(path),
+                              hint="write it with np.save(path, array)")
     try:
         return np.load(file, allow_pickle=False)
     except ValueError as exc:

@@ -256,7 +256,8 @@ class _Reader:
         raw_tokens = mapping.get("tokens")
         tokens = self.tokens(raw_tokens, path + ["tokens"]) if raw_tokens is not None else None
         raw = self.require(mapping, "embeddings", path, what, "[[0, 1, 2, 3], [4, 5, 6, 7]]")
-        if isinstance(raw, dict) and raw and not any(k in SOURCE_KINDS for k in raw):
+        if isinstance(raw, dict) and raw and not any(k in SOURCE_KINDS for k in raw) and (
+                tokens is None or any(t in raw for t in tokens)):
             embeddings = self.vocabulary(raw, tokens, path)
         else:
             embeddings = self.array(raw, path + ["embeddings"], "embeddings")
@@ -454,7 +455,3 @@ class _Reader:
                               self.locate(path))
         return {"rtol" if key == "rtol" else "atol": float(value)}
 
-
-def describe_value(value: Any) -> str:
-    from .sources import _describe as describe
-    return describe(value)

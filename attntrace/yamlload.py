@@ -119,7 +119,7 @@ def load_text(text: str, file: Optional[str] = None) -> Document:
     finally:
         loader.dispose()
     if data is None:
-        raise input_error("ATT-E008", "the spec holds no data (only comments or `---`)",
+        raise input_error("ATT-E008", "the spec is empty: it holds only comments or `---`",
                           Location(file, 1, 1, ""))
     return Document(data, root, file)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from ..engine import PREVIEW_EDGE
+from ..stats import preview
 from ..trace import DISPLAY_AXES
 
 VALUES_LIMIT = 4096      # hooks with at most this many values carry them in full
@@ -21,11 +23,10 @@ def trace_to_json(trace, exit_code: int = 0, values_limit: int = VALUES_LIMIT) -
         if array is not None and array.size <= values_limit:
             entry["values"] = array
         else:
-            source = trace.previews.get(step.hook)
-            if source is not None:
-                rows, cols, _ = DISPLAY_AXES[step.hook]
-                entry["preview"] = {"row_axis": rows, "col_axis": cols, "rows": source.rows,
-                                    "cols": source.cols, "values": source.values}
+            rows, cols, _ = DISPLAY_AXES[step.hook]
+            corner = trace.previews.get(step.hook) or preview(array, rows, cols, PREVIEW_EDGE)
+            entry["preview"] = {"row_axis": rows, "col_axis": cols, "rows": corner.rows,
+                                "cols": corner.cols, "values": corner.values}
         steps.append(entry)
     document: Dict[str, Any] = {
         "attntrace": 1,

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _plain_output(monkeypatch):
+    # the CLI renders plain text under NO_COLOR; tests read that text
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.delenv("ATTNTRACE_DEBUG", raising=False)
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write YAML text to a spec file in a temp folder and return its path."""
+    def write(text, name="spec.yaml"):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+    return write
+
+
+@pytest.fixture
+def invoke():
+    """Run the CLI in-process; return (exit_code, output text)."""
+    from click.testing import CliRunner
+    from attntrace.cli import cli
+
+    def run(*args, input=None):
+        runner = CliRunner()
+        result = runner.invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+        return result.exit_code, result.output
+    return run

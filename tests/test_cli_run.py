@@ -1,0 +1,161 @@
+"""`attntrace run` as a user runs it: built-in example, configs, options, JSON, big inputs."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, ROOT
+
+SEED002 = CONFIGS / "seed002_abc.yaml"
+
+
+def test_run_without_a_file_shows_the_builtin_example(invoke):
+    code, out = invoke("run")
+    assert code == 0, out
+    assert "猫" in out and "老鼠" in out
+    for hook in ("hook_embed", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_qk", "attn.hook_scaled",
+                 "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_z_concat", "hook_attn_out"):
+        assert hook in out
+    assert "every row of weights sums to 1" in out
+
+
+def test_builtin_example_is_the_seed000_config():
+    from attntrace.commands.run import BUILTIN_EXAMPLE
+    assert BUILTIN_EXAMPLE.read_text(encoding="utf-8") == (CONFIGS / "seed000_cat_mouse.yaml").read_text(encoding="utf-8")
+
+
+def test_seed002_prints_the_true_values(invoke):
+    code, out = invoke("run", SEED002, "--steps", "scores,scaled,weights,output")
+    assert code == 0
+    # Q_B·K_C = 9*21 + 13*17 = 410 (the article prints 400)
+    assert "410" in out and " 400 " not in out
+    assert f"{410 / math.sqrt(2):.4f}" in out          # 289.9138
+    assert f"{714 / math.sqrt(2):.4f}" in out          # 504.8742: the largest scaled score
+    assert "nan" not in out.replace("NaN or inf", "")
+    assert "shape (seq_q=3, seq_k=3)" in out
+
+
+def test_named_shapes(invoke):
+    code, out = invoke("run", "--steps", "Q")
+    assert "shape (seq=4, d_head=8)" in out
+
+
+def test_steps_by_number_alias_and_pattern(invoke):
+    code, out = invoke("run", SEED002, "--steps", "5,weights")
+    assert code == 0 and "attn.hook_qk" in out and "attn.hook_pattern" in out and "attn.hook_v " not in out
+    code, out = invoke("run", SEED002, "--steps", "attn.hook_s*")
+    assert code == 0 and "attn.hook_scaled" in out and "attn.hook_qk" not in out
+
+
+def test_unknown_step_suggests(invoke):
+    code, out = invoke("run", SEED002, "--steps", "attn.hook_patern")
+    assert code == 2 and "ATT-E015" in out and "attn.hook_pattern" in out and "Traceback" not in out
+    code, out = invoke("run", SEED002, "--steps", "99")
+    assert code == 2 and "no step 99" in out
+
+
+def test_head_and_batch_selection(invoke):
+    spec = CONFIGS / "seed004_batch_multihead.yaml"
+    code, out = invoke("run", spec, "--steps", "weights", "--head", "3", "--batch", "1", "--values")
+    assert code == 0
+    assert "batch 1 · head 3" in out and "head 0" not in out and "batch 0" not in out
+    code, out = invoke("run", spec, "--head", "8")
+    assert code == 2 and "8 head(s)" in out
+    code, out = invoke("run", spec, "--batch", "2")
+    assert code == 2 and "batch size 2" in out
+
+
+def test_multihead_grid_of_heatmaps(invoke):
+    code, out = invoke("run", CONFIGS / "seed004_batch_multihead.yaml", "--steps", "weights")
+    assert code == 0 and "heatmaps" in out and "batch 1 · head 7" in out
+
+
+def test_json_twin_values(invoke):
+    code, out = invoke("run", SEED002, "--format", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["exit_code"] == 0 and doc["tokens"] == ["A", "B", "C"]
+    assert doc["dims"]["d_head"] == 2 and doc["dims"]["seq_q"] == 3
+    steps = {s["hook"]: s for s in doc["steps"]}
+    qk = np.array(steps["attn.hook_qk"]["values"])[0, 0]
+    np.testing.assert_array_equal(qk, [[10, 58, 106], [58, 234, 410], [106, 410, 714]])
+    assert steps["attn.hook_pattern"]["axes"] == ["batch", "n_heads", "seq_q", "seq_k"]
+    assert steps["attn.hook_scaled"]["stats"]["max"] == pytest.approx(714 / math.sqrt(2))
+    out_values = np.array(steps["hook_attn_out"]["values"])[0]
+    np.testing.assert_allclose(out_values, [[18, 20]] * 3, atol=1e-12)
+    assert doc["diagnoses"] == []
+
+
+def test_json_marks_blocked_scores_as_strings(invoke):
+    code, out = invoke("run", CONFIGS / "causal_gpt.yaml", "--format", "json")
+    doc = json.loads(out)          # plain JSON: no bare -Infinity
+    masked = {s["hook"]: s for s in doc["steps"]}["attn.hook_attn_scores"]["values"]
+    assert masked[0][0][0][1] == "-inf"
+
+
+def test_float32(invoke):
+    code, out = invoke("run", SEED002, "--dtype", "float32", "--format", "json")
+    doc = json.loads(out)
+    assert doc["dtype"] == "float32" and code == 0
+
+
+def test_strict_fails_on_warnings(invoke, write_spec):
+    # every key masked for query 0: a warning (ATT-W203), exit 1 only under --strict
+    spec = write_spec("version: 1\ntokens: [A, B]\nembeddings: [[1, 0], [0, 1]]\n"
+                      "attention: {heads: 1, W_q: {identity: 2}, W_k: {identity: 2}, W_v: {identity: 2},\n"
+                      "            mask: [[0, 0], [1, 1]]}\n")
+    code, out = invoke("run", spec)
+    assert code == 0 and "ATT-W203" in out and "0 'A'" in out
+    code, out = invoke("run", spec, "--strict")
+    assert code == 1
+
+
+def test_big_matrices_are_elided(tmp_path, invoke):
+    n, d = 300, 16
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(n, d)))
+    for name in ("q", "k", "v"):
+        np.save(tmp_path / f"w{name}.npy", rng.normal(size=(d, d)) * 0.3)
+    (tmp_path / "big.yaml").write_text(
+        "version: 1\nembeddings: {npy: x.npy}\nattention:\n  heads: 2\n  W_q: {npy: wq.npy}\n"
+        "  W_k: {npy: wk.npy}\n  W_v: {npy: wv.npy}\n  mask: causal\n")
+    code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--values")
+    assert code == 0
+    assert "⋮" in out and "…" in out
+    assert len(out.splitlines()) < 60
+    assert "max →" in out
+    # JSON carries a preview, not 2×300×300 values
+    code, out = invoke("run", tmp_path / "big.yaml", "--format", "json")
+    pattern = {s["hook"]: s for s in json.loads(out)["steps"]}["attn.hook_pattern"]
+    assert "values" not in pattern and pattern["preview"]["rows"] == [0, 1, 2, 3, 296, 297, 298, 299]
+
+
+def test_help_lists_commands(invoke):
+    code, out = invoke("--help")
+    assert code == 0 and "run" in out and "Exit codes" in out
+    code, out = invoke("run", "--help")
+    assert code == 0 and "--steps" in out and "built-in example" in out
+
+
+def test_python_dash_m_and_lazy_imports():
+    result = subprocess.run([sys.executable, "-m", "attntrace", "--version"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0 and "attntrace" in result.stdout
+    probe = ("import sys, attntrace.cli; "
+             "print(any(m in sys.modules for m in ('numpy', 'rich', 'yaml')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "False", "attntrace --help must not import numpy, rich or yaml"
+
+
+def test_api_run_from_path_and_dict():
+    import attntrace
+    trace = attntrace.run(str(SEED002))
+    assert trace["attn.hook_pattern"].shape == (1, 1, 3, 3)
+    assert trace["weights"] is trace["attn.hook_pattern"]
+    assert "blocks.0.attn.hook_q" in trace
+    trace = attntrace.run({"tokens": ["a"], "embeddings": [[2.0]],
+                           "attention": {"W_q": [[1.0]], "W_k": [[1.0]], "W_v": [[3.0]]}})
+    assert trace.hand_view("output").tolist() == [[6.0]]
