@@ -344,11 +344,13 @@ class _Reader:
                                "write 0.7071 for 1/√2")
 
     def mask(self, value: Any, path: List) -> MaskSpec:
+        if isinstance(value, np.ndarray):          # Python API: compare with strings only after this
+            return MaskSpec(matrix=self.array(value, path, "mask", allow_bool=True), location=self.locate(path))
         if value is None or value == "none":
             return MaskSpec(location=self.locate(path))
         if value == "causal":
             return MaskSpec(causal=True, location=self.locate(path))
-        if isinstance(value, list) or isinstance(value, np.ndarray):
+        if isinstance(value, list):
             return MaskSpec(matrix=self.array(value, path, "mask", allow_bool=True), location=self.locate(path))
         if isinstance(value, str):
             close = difflib.get_close_matches(value, ["none", "causal"], n=1)
@@ -387,12 +389,14 @@ class _Reader:
 
     def _additive(self, value: Any, path: List) -> Array:
         """An additive mask may hold -inf: read it without the finiteness check."""
-        from .sources import _nested_shape  # noqa: the shared ragged/number check
         if isinstance(value, list):
             nested_shape(value, self.ctx, list(path), False)
             data = np.array(value, dtype=np.float64)
+        elif isinstance(value, np.ndarray):
+            data = np.asarray(value, dtype=np.float64)
         else:
-            data = self.array(value, path, "mask.matrix").data
+            raise input_error("ATT-E003", "an additive mask matrix is written inline or given as an array",
+                              self.locate(path))
         if np.isnan(data).any() or np.isposinf(data).any():
             raise input_error("ATT-E006", "an additive mask holds 0 (keep) and a large negative "
                                           "number or -inf (block); found NaN or +inf", self.locate(path))

@@ -151,8 +151,8 @@ def test_000_king_queen_man(encoder_embeddings):
     np.testing.assert_array_equal(trace.hand_view("scaled"), trace.hand_view("scores"))
 
     w = _weights_000()
-    # e^0.9 = 2.4596, e^0.2 = 1.2214: weights ≈ 0.4011, 0.4011, 0.1992
-    assert w == pytest.approx([0.40109, 0.40109, 0.19783], abs=5e-3)
+    # e^0.9 ≈ 2.4596, e^0.2 ≈ 1.2214, sum ≈ 6.1406: weights ≈ 0.4005, 0.4005, 0.1989
+    assert w == pytest.approx([0.4005, 0.4005, 0.1989], abs=1e-4)
     weights = trace.hand_view("weights")
     np.testing.assert_allclose(weights, [w], rtol=1e-14)
     assert weights[0, 0] == weights[0, 1]               # king and queen tie: same score
