@@ -88,9 +88,14 @@ def masked_weights_are_zero(ctx: CheckContext) -> List[Diagnosis]:
     if keep is None:
         return None
     pattern = ctx.values["pattern"]
-    leak = np.where(keep, 0.0, np.abs(pattern))
-    if not (leak > 0).any():
+    blocked = ~keep
+    # no copy of the weights: the largest (and, if any weight is negative, the
+    # smallest) blocked weight must be 0
+    clean = np.max(pattern, where=blocked, initial=0.0) == 0 and (
+        ctx.stats("pattern").min >= 0 or np.min(pattern, where=blocked, initial=0.0) == 0)
+    if clean:
         return []
+    leak = np.where(keep, 0.0, np.abs(pattern))
     worst = np.unravel_index(int(leak.argmax()), leak.shape)
     return [ctx.warn("ATT-W202", "pattern", f"{int((leak > 0).sum())} masked position(s) got weight; "
                      f"largest {leak[worst]:.4g} at {_where(worst[:3])}, key {int(worst[3])}",

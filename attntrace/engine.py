@@ -19,7 +19,7 @@ from . import masks, positional
 from .hooks import HookFn, HookSet
 from .plan import Plan, plan_from_spec
 from .spec import Spec, load_spec
-from .stats import array_stats, preview, row_winners
+from .stats import array_stats, preview, row_winners, scaled_stats
 from .trace import DISPLAY_AXES, Trace
 
 AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
@@ -85,7 +85,8 @@ def step_pos(state: State) -> np.ndarray:
     pos = state.spec.positional
     x = state["embed"]
     seq, d_model = x.shape[1], x.shape[2]
-    table = positional.sinusoidal(seq, d_model, pos.base) if pos.kind == "sinusoidal" else pos.table.data[:seq]
+    table = positional.sinusoidal(seq, d_model, pos.base) if pos.kind == "sinusoidal" else \
+        positional.learned(pos.table.data, seq)
     return x + state.cast(table)
 
 
@@ -119,6 +120,31 @@ def grouped_mix(pattern: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (pg @ vt).reshape(b, h, sq, dv).transpose(0, 2, 1, 3)
 
 
+def _rotate(state: State, key: str) -> np.ndarray:
+    """RoPE on Q or K (batch, seq, heads, d_head); positions with the KV-cache offset of the masks."""
+    x = state[key]
+    if x.shape[-1] % 2:
+        from .errors import Diagnosis, ShapeError
+        step, plan = state.plan.step("rot_" + key), state.plan
+        raise ShapeError(Diagnosis(
+            code="ATT-E140", step=step.label, hook=step.hook, rule=step.rule,
+            message=f"shape mismatch in step {step.label}: RoPE rotates pairs of features, "
+                    f"but d_head={x.shape[-1]} is odd", bindings=[plan.dims["d_head"].describe()],
+            locations=[loc for loc in (state.spec.positional.location,) if loc is not None],
+            hint="use an even d_head (every RoPE model does), or another positional encoding"))
+    pos = state.spec.positional
+    q_pos, k_pos = positional.rope_positions(state.plan.size("seq_q"), state.plan.size("seq_k"))
+    return positional.rope(x, q_pos if key == "q" else k_pos, pos.base, pos.pairing)
+
+
+def step_rot_q(state: State) -> np.ndarray:
+    return _rotate(state, "q")
+
+
+def step_rot_k(state: State) -> np.ndarray:
+    return _rotate(state, "k")
+
+
 def step_qk(state: State) -> np.ndarray:
     q = state["rot_q"] if "rot_q" in state else state["q"]
     k = state["rot_k"] if "rot_k" in state else state["k"]
@@ -128,6 +154,9 @@ def step_qk(state: State) -> np.ndarray:
 def step_scaled(state: State) -> np.ndarray:
     scores = state.take("qk")
     scores *= state.dtype.type(state.plan.scale)
+    if state.plan.positional == "alibi":      # ALiBi: a per-head linear bias on the scaled scores
+        _, h, sq, sk = scores.shape
+        scores += state.cast(positional.alibi_bias(h, sq, sk))
     return scores
 
 
@@ -186,7 +215,7 @@ def step_out(state: State) -> np.ndarray:
 StepFn = Callable[[State], np.ndarray]
 STEP_FUNCTIONS: Dict[str, StepFn] = {
     "embed": step_embed, "pos": step_pos, "encoder_embed": step_encoder_embed,
-    "q": step_q, "k": step_k, "v": step_v,
+    "q": step_q, "k": step_k, "v": step_v, "rot_q": step_rot_q, "rot_k": step_rot_k,
     "qk": step_qk, "scaled": step_scaled, "mask": step_mask, "attn_scores": step_attn_scores,
     "pattern": step_pattern, "z": step_z, "z_concat": step_z_concat, "out": step_out,
 }
@@ -243,7 +272,9 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
         else:
             rows, cols, _ = DISPLAY_AXES[step.hook]
             trace.previews[step.hook] = preview(array, rows, cols, PREVIEW_EDGE)
-        trace.stats[step.hook] = array_stats(array)
+        trace.stats[step.hook] = _step_stats(step, array, state, trace,
+                                             standard=step.key not in (overrides or {}) and
+                                             step.hook not in hookset.hooked)
         if step.key == "pattern":
             trace.winners = row_winners(array)
         if check:
@@ -254,6 +285,17 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     if check and not any(d.code == "ATT-W204" for d in trace.diagnoses):
         trace.checks_passed.append("no NaN or inf in any step")
     return trace
+
+
+def _step_stats(step, array: np.ndarray, state: State, trace: Trace, standard: bool):
+    """Stats of a step's result, skipping passes over score-sized arrays where the
+    engine knows the answer: the standard scale step multiplies by a positive
+    factor, and masked scores hold -inf exactly where the mask blocks."""
+    if step.key == "scaled" and standard and state.plan.positional != "alibi" and state.plan.scale > 0:
+        return scaled_stats(trace.stats["attn.hook_qk"], state.plan.scale)
+    if step.key == "attn_scores" and "mask" in state:
+        return array_stats(array, valid=state["mask"])
+    return array_stats(array)
 
 
 # Arrays no later step reads can go as soon as their step is done (unless kept).

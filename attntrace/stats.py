@@ -27,8 +27,17 @@ class Stats:
         return {k: v for k, v in self.__dict__.items() if v is not None or k in ("min", "max", "mean")}
 
 
-def array_stats(array: np.ndarray) -> Stats:
+def array_stats(array: np.ndarray, valid: Optional[np.ndarray] = None) -> Stats:
+    """min/max/mean over finite values and counts of NaN/±inf.
+
+    `valid` (broadcastable bool) marks where values are expected finite -- the
+    unmasked scores -- so masked scores need four passes instead of a copy of
+    every finite value."""
     shape, dtype = tuple(int(s) for s in array.shape), str(array.dtype)
+    if valid is not None and array.dtype != bool:
+        stats = _masked_stats(array, valid, shape, dtype)
+        if stats is not None:
+            return stats
     if array.dtype == bool:
         true = int(np.count_nonzero(array))
         return Stats(shape, dtype, 0.0 if true < array.size else 1.0, 1.0 if true else 0.0,
@@ -45,6 +54,30 @@ def array_stats(array: np.ndarray) -> Stats:
     values = array[finite]
     return Stats(shape, dtype, float(values.min()), float(values.max()), float(values.mean(dtype=np.float64)),
                  nan, posinf, neginf)
+
+
+def _masked_stats(array: np.ndarray, valid: np.ndarray, shape, dtype) -> Optional[Stats]:
+    """Stats when exactly the invalid positions hold -inf; None when that is not so."""
+    blocked = ~valid
+    n_valid = int(np.broadcast_to(valid, array.shape).sum())
+    if n_valid == 0:
+        return None
+    if blocked.any() and np.max(array, where=blocked, initial=-np.inf) != -np.inf:
+        return None                                   # something other than -inf where blocked
+    lo = float(np.min(array, where=valid, initial=np.inf))
+    hi = float(np.max(array, where=valid, initial=-np.inf))
+    total = float(np.sum(array, where=valid, dtype=np.float64))
+    if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(total)):
+        return None                                   # NaN or inf among the valid: count them slowly
+    return Stats(shape, dtype, lo, hi, total / n_valid, neginf=array.size - n_valid)
+
+
+def scaled_stats(stats: Stats, factor: float) -> Stats:
+    """Stats of array·factor (factor > 0) from the stats of the array: no pass over the data."""
+    def times(x):
+        return None if x is None else x * factor
+    return Stats(stats.shape, stats.dtype, times(stats.min), times(stats.max), times(stats.mean),
+                 stats.nan, stats.posinf, stats.neginf)
 
 
 def edge_indices(n: int, edge: int) -> np.ndarray:
@@ -82,7 +115,8 @@ def preview(array: np.ndarray, row_axis: int, col_axis: int, edge: int) -> Previ
 
 def row_winners(pattern: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Per query row: the largest weight and the key it goes to."""
-    return pattern.max(axis=-1), pattern.argmax(axis=-1)
+    top = pattern.argmax(axis=-1)
+    return np.take_along_axis(pattern, top[..., None], axis=-1)[..., 0], top
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

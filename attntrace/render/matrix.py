@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
-from rich import box
 from rich.style import Style
-from rich.table import Table
 from rich.text import Text
 
 # Sequential palette for weights (0 → 1) and a diverging one for signed values.
@@ -69,31 +67,48 @@ def _gap_after(indices: np.ndarray, position: int) -> bool:
     return position + 1 < len(indices) and indices[position + 1] != indices[position] + 1
 
 
-def matrix_table(view: MatrixView, precision: int) -> Table:
+class Block:
+    """Pre-laid lines of styled text with a known width.
+
+    Matrices are laid out by hand rather than with rich.Table: a trace can hold
+    hundreds of small matrices and Table's measuring dominated the run time."""
+
+    def __init__(self, lines: List[Text]):
+        self.lines = lines
+        self.width = max((line.cell_len for line in lines), default=0)
+
+    def __rich_console__(self, console, options):
+        yield from self.lines          # each Text ends its own line
+
+
+def _is_whole(finite: np.ndarray) -> bool:
+    return bool(finite.size) and bool(np.all(finite == np.round(finite))) and float(np.abs(finite).max()) < 1e9
+
+
+def matrix_block(view: MatrixView, precision: int) -> Block:
+    """Numbers with heat colours, token labels, numpy-style ⋮ and … where rows/columns are elided."""
     values = view.values
-    finite = values[np.isfinite(values)] if values.dtype != bool else values.astype(float)
+    is_bool = values.dtype == bool
+    finite = values.astype(float) if is_bool else values[np.isfinite(values)]
     lo, hi = view.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
-    table = Table(title=view.title or None, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
-                  collapse_padding=True, title_justify="left", title_style="bold", show_edge=False)
-    # hand-calculation matrices (all whole numbers) read best without decimals
-    if values.dtype != bool and finite.size and np.all(finite == np.round(finite)) and np.abs(finite).max() < 1e9:
-        precision = 0
-    table.add_column("", style="bold", no_wrap=True)
+    if not is_bool and _is_whole(finite):
+        precision = 0          # hand-calculation matrices read best without decimals
+    header: List[Text] = [Text("")]
+    rows: List[List[Text]] = []
     for j, label in enumerate(view.col_labels):
-        table.add_column(Text(label, style="bold"), justify="right", no_wrap=True)
+        header.append(Text(label, style="bold"))
         if _gap_after(view.cols, j):
-            table.add_column("…", justify="center")
+            header.append(Text("…", style="dim"))
     if view.row_sums is not None:
-        table.add_column(Text("Σ", style="bold dim"), justify="right")
+        header.append(Text("Σ", style="bold dim"))
     if view.row_top is not None:
-        table.add_column(Text("max →", style="bold dim"), no_wrap=True)
+        header.append(Text("max →", style="bold dim"))
     for i, label in enumerate(view.row_labels):
-        cells = [Text(label)]
+        cells = [Text(label, style="bold")]
         for j in range(values.shape[1]):
             v = values[i, j]
-            style = Style() if values.dtype == bool else heat_style(float(v), lo, hi, view.diverging)
-            if values.dtype == bool:
-                style = Style(color="green" if v else "grey50")
+            style = Style(color="green" if v else "grey50") if is_bool else \
+                heat_style(float(v), lo, hi, view.diverging)
             cells.append(Text(fmt_number(v, precision), style=style))
             if _gap_after(view.cols, j):
                 cells.append(Text("…", style="dim"))
@@ -101,10 +116,58 @@ def matrix_table(view: MatrixView, precision: int) -> Table:
             cells.append(Text(fmt_number(float(view.row_sums[i]), precision), style="dim"))
         if view.row_top is not None:
             cells.append(Text(view.row_top[i], style="dim"))
-        table.add_row(*cells)
+        rows.append(cells)
         if _gap_after(view.rows, i):
-            table.add_row(*([Text("⋮", style="dim")] + [Text("⋮", style="dim")] * (len(cells) - 1)))
-    return table
+            rows.append([Text("⋮", style="dim") for _ in cells])
+    widths = [max(row[c].cell_len for row in [header] + rows) for c in range(len(header))]
+    last_text_column = len(header) - 1 if view.row_top is not None else None
+
+    def lay(cells: List[Text]) -> Text:
+        line = Text()
+        for c, cell in enumerate(cells):
+            pad = " " * (widths[c] - cell.cell_len)
+            left = c == 0 or c == last_text_column
+            line.append_text(Text.assemble(cell, pad) if left else Text.assemble(pad, cell))
+            if c < len(cells) - 1:
+                line.append("  ")
+        return line
+
+    lines = [Text(view.title, style="bold")] if view.title else []
+    lines.append(lay(header))
+    lines.append(Text("─" * (sum(widths) + 2 * (len(widths) - 1)), style="dim"))
+    lines.extend(lay(row) for row in rows)
+    return Block(lines)
+
+
+def side_by_side(blocks: Sequence[Block], width: int, gap: int = 4) -> Block:
+    """Blocks packed left to right into rows that fit `width` (a grid of small matrices)."""
+    lines: List[Text] = []
+    row: List[Block] = []
+
+    def flush():
+        if not row:
+            return
+        height = max(len(b.lines) for b in row)
+        for i in range(height):
+            line = Text()
+            for k, block in enumerate(row):
+                part = block.lines[i] if i < len(block.lines) else Text("")
+                line.append_text(part)
+                if k < len(row) - 1:
+                    line.append(" " * (block.width - part.cell_len + gap))
+            lines.append(line)
+        lines.append(Text(""))
+        row.clear()
+
+    used = 0
+    for block in blocks:
+        if row and used + gap + block.width > width:
+            flush()
+            used = 0
+        used += (gap if row else 0) + block.width
+        row.append(block)
+    flush()
+    return Block(lines[:-1])
 
 
 _SHADES = " ░▒▓█"
@@ -118,20 +181,17 @@ def shade(value: float, lo: float, hi: float) -> str:
     return _SHADES[min(int(t * len(_SHADES)), len(_SHADES) - 1)] * 2
 
 
-def heatmap_table(view: MatrixView) -> Table:
-    """A compact heatmap: two block characters a cell, labels on both axes (seed 004's grid)."""
+def heatmap_block(view: MatrixView) -> Block:
+    """A compact heatmap: two block characters a cell, row labels (seed 004's grid)."""
     values = view.values.astype(np.float64)
     finite = values[np.isfinite(values)]
     lo, hi = view.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
-    table = Table(title=view.title or None, box=None, padding=0, pad_edge=False, show_header=False,
-                  title_justify="left", title_style="bold")
-    table.add_column(no_wrap=True)
-    for _ in range(values.shape[1]):
-        table.add_column(no_wrap=True)
+    label_width = max(Text(label).cell_len for label in view.row_labels)
+    lines = [Text(view.title, style="bold")] if view.title else []
     for i, label in enumerate(view.row_labels):
-        cells = [Text(f"{label} ", style="bold")]
+        line = Text(label + " " * (label_width - Text(label).cell_len + 1), style="bold")
         for j in range(values.shape[1]):
             v = float(values[i, j])
-            cells.append(Text(shade(v, lo, hi), style=heat_style(v, lo, hi, view.diverging)))
-        table.add_row(*cells)
-    return table
+            line.append(shade(v, lo, hi), style=heat_style(v, lo, hi, view.diverging))
+        lines.append(line)
+    return Block(lines)

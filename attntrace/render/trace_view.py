@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
-from rich.columns import Columns
 from rich.console import Group
 from rich.panel import Panel
 from rich.rule import Rule
@@ -14,7 +13,7 @@ from rich.text import Text
 from ..stats import edge_indices
 from ..trace import DISPLAY_AXES
 from .diagnosis import diagnosis_panel
-from .matrix import MatrixView, fmt_number, heatmap_table, matrix_table
+from .matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
 
 SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
 
@@ -29,6 +28,7 @@ class ViewOptions:
     max_rows: int = 12                       # beyond this, elide like numpy (edge rows each side)
     edge: int = 4
     max_batch_shown: int = 4
+    max_heads_shown: int = 4                 # per-head vectors (Q, K, V, z); scores show every head
     notes: List[str] = field(default_factory=list)
 
 
@@ -83,6 +83,10 @@ def _matrices(trace, hook: str, options: ViewOptions):
     heads = [0] if head_axis is None else (
         [h for h in (options.heads if options.heads is not None else range(data.shape[head_axis]))
          if h < data.shape[head_axis]])
+    if options.heads is None and hook not in SCORE_HOOKS and len(heads) > options.max_heads_shown:
+        options.notes.append(f"{hook}: showing heads 0–{options.max_heads_shown - 1} of {len(heads)} "
+                             "(use --head N)")
+        heads = heads[:options.max_heads_shown]
     row_name, col_name = step.axes[row_axis], step.axes[col_axis]
     row_labels = _axis_labels(trace, hook, row_name, rows)
     col_labels = _axis_labels(trace, hook, col_name, cols)
@@ -127,7 +131,7 @@ def _stats_line(trace, hook: str, precision: int) -> Text:
     return Text("  ".join(parts), style="dim")
 
 
-def step_renderable(trace, step, options: ViewOptions):
+def step_renderable(trace, step, options: ViewOptions, width: int = 120):
     hook = step.hook
     header = Text.assemble((f"Step {step.number}/{step.total}  ", "bold"), (step.title, "bold cyan"),
                            ("   " + hook, "magenta"))
@@ -138,13 +142,11 @@ def step_renderable(trace, step, options: ViewOptions):
         body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
     views = list(_matrices(trace, hook, options))
     compact = options.heatmap if options.heatmap is not None else (hook in SCORE_HOOKS and len(views) > 2)
-    tables = [heatmap_table(v) if compact else matrix_table(v, options.precision) for v in views]
-    if compact and tables:
+    blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
+    if compact and blocks:
         body.append(Text("heatmaps: ░ low … █ high (--values for numbers, --head N for one head)", style="dim"))
-    if len(tables) == 1:
-        body.append(tables[0])
-    elif tables:
-        body.append(Columns(tables, padding=(0, 3)))
+    if blocks:
+        body.append(side_by_side(blocks, width))
     return Group(*body)
 
 
@@ -174,7 +176,7 @@ def render_trace(console, trace, options: ViewOptions) -> None:
         if shown is not None and step.hook not in shown:
             continue
         console.print(Rule(style="dim"))
-        console.print(step_renderable(trace, step, options))
+        console.print(step_renderable(trace, step, options, console.width))
     console.print(Rule(style="dim"))
     render_checks(console, trace)
     for note in options.notes:
