@@ -23,7 +23,7 @@ from .yamlload import Document, format_path, load_file
 SPEC_VERSION = 1
 
 TOP_KEYS = ("version", "name", "description", "tokens", "embeddings", "encoder", "attention",
-            "positional", "expect", "hooks")
+            "positional", "expect", "hooks", "grad")
 ATTENTION_KEYS = ("heads", "kv_heads", "d_head", "W_q", "W_k", "W_v", "W_o",
                   "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask")
 MASK_KEYS = ("causal", "padding", "window", "prefix", "matrix", "convention")
@@ -54,7 +54,7 @@ class MaskSpec:
                                          # forward too unless causal)
     prefix: Optional[int] = None         # prefix-LM: the first N keys are visible to everyone
     matrix: Optional[Array] = None       # explicit (seq_q, seq_k) or (batch, seq_q, seq_k)
-    convention: str = "keep"             # how `matrix` is written: keep | ignore | additive
+    convention: str = "keep"             # how `matrix` and `padding` are written: keep | ignore | additive
     location: Optional[Location] = None
 
     @property
@@ -119,7 +119,21 @@ class Expectation:
     hook: str                 # resolved hook name (aliases expanded)
     written_as: str           # what the user wrote (alias or hook)
     expected: Array
-    rows: Optional[List[int]] = None   # partial expectations (see attntrace.expect)
+    select: Dict[str, Any] = field(default_factory=dict)   # partial: batch/head/row/col (see attntrace.expect)
+    tolerance: Optional[Dict[str, float]] = None           # this entry's own atol/rtol/decimals
+    path: List[Any] = field(default_factory=list)          # YAML path of the written values
+
+
+GRAD_LOSSES = ("sum", "mean", "sum_squares")
+
+
+@dataclass
+class GradSpec:
+    """`grad:` -- the loss `attntrace grad` differentiates (see attntrace.backward)."""
+
+    loss: str = "sum"                  # sum | mean | sum_squares (½·Σ out²) | upstream
+    upstream: Optional[Array] = None   # dL/dout by hand: (seq_q, d_out) or (batch, seq_q, d_out)
+    location: Optional[Location] = None
 
 
 @dataclass
@@ -132,6 +146,7 @@ class Spec:
     expect: List[Expectation] = field(default_factory=list)
     tolerance: Dict[str, float] = field(default_factory=lambda: {"atol": 1e-6, "rtol": 0.0})
     hooks: List[Any] = field(default_factory=list)
+    grad: Optional[GradSpec] = None
     description: str = ""
     file: Optional[str] = None
     document: Optional[Document] = None
@@ -250,7 +265,27 @@ class _Reader:
                     hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc)
         if top.get("expect") is not None:
             spec.expect, spec.tolerance = self.expectations(top["expect"])
+        if top.get("grad") is not None:
+            spec.grad = self.grad(top["grad"])
         return spec
+
+    def grad(self, value: Any) -> GradSpec:
+        """`grad: {loss: sum}` or `grad: {upstream: [[...]]}` (dL/dout given by hand)."""
+        path = ["grad"]
+        block = self.mapping(value, path, "grad")
+        self.check_keys(block, ("loss", "upstream"), path, "grad")
+        upstream = self.optional_array(block, "upstream", path)
+        loss = block.get("loss", "upstream" if upstream is not None else "sum")
+        if upstream is not None and loss != "upstream":
+            raise input_error("ATT-E003", "grad takes either `loss:` or `upstream:` (the upstream gradient "
+                                          "defines the loss L = Σ upstream ⊙ out)", self.locate(path + ["loss"]))
+        if upstream is None and loss not in GRAD_LOSSES:
+            close = difflib.get_close_matches(str(loss), GRAD_LOSSES, n=1)
+            raise input_error("ATT-E003", f"grad.loss must be one of {', '.join(GRAD_LOSSES)}, got "
+                                          f"{describe_value(loss)}", self.locate(path + ["loss"]),
+                              hint=f"did you mean '{close[0]}'?" if close else
+                              "or give dL/dout by hand: grad: {upstream: [[1, 0], [0, 1]]}")
+        return GradSpec(loss=loss, upstream=upstream, location=self.locate(path))
 
     def sequence(self, mapping: Dict, path: List, what: str) -> Sequence_:
         raw_tokens = mapping.get("tokens")
@@ -351,7 +386,7 @@ class _Reader:
         if value == "causal":
             return MaskSpec(causal=True, location=self.locate(path))
         if isinstance(value, list):
-            return MaskSpec(matrix=self.array(value, path, "mask", allow_bool=True), location=self.locate(path))
+            return MaskSpec(matrix=self.mask_array(value, path, "mask", "keep"), location=self.locate(path))
         if isinstance(value, str):
             close = difflib.get_close_matches(value, ["none", "causal"], n=1)
             raise input_error("ATT-E003", f"unknown mask '{value}'", self.locate(path),
@@ -365,13 +400,6 @@ class _Reader:
             raise input_error("ATT-E003", f"mask.causal must be true or false, got {describe_value(causal)}",
                               self.locate(path + ["causal"]))
         mask.causal = causal
-        if block.get("padding") is not None:
-            mask.padding = self.array(block["padding"], path + ["padding"], "padding", allow_bool=True)
-            bad = ~np.isin(mask.padding.data.astype(np.float64), (0.0, 1.0))
-            if bad.any():
-                raise input_error("ATT-E003", "mask.padding holds 1 for a real token and 0 for padding; "
-                                              f"found {mask.padding.data[bad][0]:g}",
-                                  self.locate(path + ["padding"]))
         for key in ("window", "prefix"):
             if block.get(key) is not None:
                 setattr(mask, key, self.whole(block[key], path + [key], f"mask.{key}"))
@@ -382,12 +410,39 @@ class _Reader:
                               hint="keep: 1/True = may attend (PyTorch SDPA); ignore: 1/True = blocked "
                                    "(nn.MultiheadAttention); additive: 0 / -inf added to scores")
         mask.convention = convention
-        if block.get("matrix") is not None:
-            mask.matrix = self.array(block["matrix"], path + ["matrix"], "mask.matrix", allow_bool=True) \
-                if convention != "additive" else self._additive(block["matrix"], path + ["matrix"])
+        for key in ("padding", "matrix"):
+            if block.get(key) is not None:
+                setattr(mask, key, self.mask_array(block[key], path + [key], f"mask.{key}", convention))
         return mask
 
-    def _additive(self, value: Any, path: List) -> Array:
+    def mask_array(self, value: Any, path: List, name: str, convention: str) -> Array:
+        """A padding row or mask matrix written in `convention`: keep/ignore hold 0/1 (or
+        true/false), additive holds 0 and a large negative or -inf.  Mixing them up is the
+        commonest mask bug, so the message names the convention the values look like."""
+        if convention == "additive":
+            array = self._additive(value, path, name)
+            soft = ~((array.data == 0) | (array.data <= -1e4))
+            if soft.any():
+                raise input_error("ATT-E040", f"{name} (convention: additive) holds 0 (may attend) and -inf "
+                                              f"or a large negative such as -1e9 (blocked); found "
+                                              f"{array.data[soft][0]:g}", self.locate(path),
+                                  hint="soft biases are not masks; for 1/0 masks write convention: keep")
+            return array
+        if _holds_negative_infinity(value):
+            raise input_error("ATT-E040", f"{name} holds -inf: that is an additive mask (0 / -inf), "
+                                          f"but the convention is {convention}", self.locate(path),
+                              hint="write the mask as a mapping: {matrix: [[0, -.inf], ...], convention: additive}")
+        array = self.array(value, path, name, allow_bool=True)
+        bad = ~np.isin(array.data.astype(np.float64), (0.0, 1.0))
+        if bad.any():
+            meaning = "1 = may attend, 0 = blocked" if convention == "keep" else "1 = blocked, 0 = may attend"
+            raise input_error("ATT-E040", f"{name} (convention: {convention}, {meaning}) holds only 0 and 1; "
+                                          f"found {array.data[bad][0]:g}", self.locate(path),
+                              hint="0 / -1e9 masks are additive: write convention: additive"
+                              if array.data[bad].max() <= -1e4 else None)
+        return array
+
+    def _additive(self, value: Any, path: List, name: str = "mask.matrix") -> Array:
         """An additive mask may hold -inf: read it without the finiteness check."""
         if isinstance(value, list):
             nested_shape(value, self.ctx, list(path), False)
@@ -400,7 +455,7 @@ class _Reader:
         if np.isnan(data).any() or np.isposinf(data).any():
             raise input_error("ATT-E006", "an additive mask holds 0 (keep) and a large negative "
                                           "number or -inf (block); found NaN or +inf", self.locate(path))
-        return Array("mask.matrix", data, self.locate(path))
+        return Array(name, data, self.locate(path))
 
     def positional(self, value: Any) -> PositionalSpec:
         path = ["positional"]
@@ -409,6 +464,10 @@ class _Reader:
         if isinstance(value, str):
             if value in ("sinusoidal", "rope", "alibi"):
                 return PositionalSpec(kind=value, location=self.locate(path))
+            if value == "learned":
+                raise input_error("ATT-E002", "a learned positional encoding needs its table",
+                                  self.locate(path), hint="positional: {kind: learned, table: {npy: pos.npy}} "
+                                                          "with the table (max_len, d_model)")
             close = difflib.get_close_matches(value, POSITIONAL_KINDS, n=1)
             raise input_error("ATT-E003", f"unknown positional encoding '{value}'", self.locate(path),
                               hint=f"did you mean '{close[0]}'?" if close else
@@ -447,15 +506,24 @@ class _Reader:
                 tolerance.update(self.tolerance(key, expected, path + [key]))
                 continue
             hook = resolve_hook_name(str(key), self.locate(path + [key]))
-            expectations.append(Expectation(hook, str(key), self.array(expected, path + [key], str(key))))
+            from .expect import read_expectations   # full arrays, rows, cells, heads
+            expectations.extend(read_expectations(self, hook, str(key), expected, path + [key]))
         return expectations, tolerance
 
     def tolerance(self, key: str, value: Any, path: List) -> Dict[str, float]:
         if key == "decimals":
             places = self.whole(value, path, "expect.decimals", minimum=0)
-            return {"atol": 0.5 * 10.0 ** (-places), "rtol": 0.0}
+            return {"atol": 0.5 * 10.0 ** (-places), "decimals": places}
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
             raise input_error("ATT-E003", f"expect.{key} must be a number ≥ 0, got {describe_value(value)}",
                               self.locate(path))
         return {"rtol" if key == "rtol" else "atol": float(value)}
 
+
+def _holds_negative_infinity(value: Any) -> bool:
+    """True when a nested list (or array) written in the spec holds -inf anywhere."""
+    if isinstance(value, np.ndarray):
+        return value.dtype != bool and bool(np.isneginf(value).any())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_negative_infinity(item) for item in value)
+    return isinstance(value, float) and value == float("-inf")

@@ -29,6 +29,7 @@ class ViewOptions:
     edge: int = 4
     max_batch_shown: int = 4
     max_heads_shown: int = 4                 # per-head vectors (Q, K, V, z); scores show every head
+    signed: bool = False                     # gradients: every matrix signed (diverging colours, own range)
     notes: List[str] = field(default_factory=list)
 
 
@@ -58,7 +59,8 @@ def _axis_labels(trace, hook: str, axis_name: str, indices: np.ndarray) -> List[
         return _labels(spec.tokens, indices)
     if axis_name == "seq_k":
         return _labels(spec.key_tokens, indices)
-    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "n_heads·d_v": "c"}.get(axis_name, "")
+    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "n_heads·d_v": "c", "n_heads·d_head": "c",
+             "n_kv_heads·d_head": "c", "n_kv_heads·d_v": "c"}.get(axis_name, "")
     return [f"{short}{i}" for i in indices]
 
 
@@ -80,8 +82,13 @@ def _matrices(trace, hook: str, options: ViewOptions):
     batches = [options.batch] if options.batch is not None else list(range(min(batch, options.max_batch_shown)))
     if options.batch is None and batch > options.max_batch_shown:
         options.notes.append(f"{hook}: showing batch items 0–{options.max_batch_shown - 1} of {batch} (use --batch)")
+    requested = options.heads
+    if requested is not None and step.axes[head_axis or 0] == "n_kv_heads":
+        # grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads)
+        group = plan.size("n_heads") // plan.size("n_kv_heads")
+        requested = sorted({h // group for h in requested})
     heads = [0] if head_axis is None else (
-        [h for h in (options.heads if options.heads is not None else range(data.shape[head_axis]))
+        [h for h in (requested if requested is not None else range(data.shape[head_axis]))
          if h < data.shape[head_axis]])
     if options.heads is None and hook not in SCORE_HOOKS and len(heads) > options.max_heads_shown:
         options.notes.append(f"{hook}: showing heads 0–{options.max_heads_shown - 1} of {len(heads)} "
@@ -90,7 +97,7 @@ def _matrices(trace, hook: str, options: ViewOptions):
     row_name, col_name = step.axes[row_axis], step.axes[col_axis]
     row_labels = _axis_labels(trace, hook, row_name, rows)
     col_labels = _axis_labels(trace, hook, col_name, cols)
-    is_pattern = hook == "attn.hook_pattern"
+    is_pattern = hook == "attn.hook_pattern" and not options.signed
     for b in batches:
         for h in heads:
             index = [b] + [slice(None)] * (data.ndim - 1)
@@ -102,10 +109,16 @@ def _matrices(trace, hook: str, options: ViewOptions):
                 title_bits.append(f"batch {b}")
             if head_axis is not None and data.shape[head_axis] > 1:
                 kv = hook in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k") and plan.size("n_kv_heads") != plan.size("n_heads")
-                title_bits.append(f"{'kv head' if kv else 'head'} {h}")
+                if kv:
+                    group = plan.size("n_heads") // plan.size("n_kv_heads")
+                    shared = f"query head {h * group}" if group == 1 else \
+                        f"query heads {h * group}–{h * group + group - 1}"
+                    title_bits.append(f"kv head {h} ({shared})")
+                else:
+                    title_bits.append(f"head {h}")
             view = MatrixView(values=matrix, row_labels=row_labels, col_labels=col_labels, rows=rows, cols=cols,
                               full_rows=n_rows, full_cols=n_cols, title=" · ".join(title_bits),
-                              diverging=hook not in ("attn.hook_pattern", "attn.hook_mask"),
+                              diverging=options.signed or hook not in ("attn.hook_pattern", "attn.hook_mask"),
                               value_range=(0.0, 1.0) if is_pattern else None)
             if is_pattern and trace.winners is not None:
                 top_w, top_k = trace.winners
