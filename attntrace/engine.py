@@ -241,10 +241,12 @@ def _keep_set(keep: Keep, plan: Plan) -> Optional[Set[str]]:
 
 def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
         dtype: str = "float64", overrides: Optional[Dict[str, StepFn]] = None,
-        check: bool = True) -> Trace:
+        check: bool = True, on_step: Optional[Callable] = None, spec_hooks: bool = True) -> Trace:
     """Run attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
 
     hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
+    spec_hooks: also apply the spec's own `hooks:` list (first, before `hooks`).
+    on_step: called as on_step(step, array, trace) after each step (`run --step`).
     keep: "auto" (arrays up to 1M values), "all", or hook names/patterns to keep.
     dtype: "float64" (default) or "float32".
     overrides: step key -> replacement function (how bugs are injected).
@@ -252,12 +254,16 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     from .diagnose import preflight
     spec = load_spec(spec)
     plan = plan_from_spec(spec)
-    preflight(spec, plan)
+    shape_warnings = preflight(spec, plan)      # raises ShapeError; returns what sizes cannot settle
     np_dtype = np.dtype(dtype)
     state = State(spec, plan, np_dtype)
+    if spec_hooks and spec.hooks:
+        from .actions import hooks_from_spec
+        hooks = hooks_from_spec(spec) + list(hooks)
     hookset = HookSet(hooks, plan.hooks)
     wanted = _keep_set(keep, plan)
     trace = Trace(spec=spec, plan=plan, dtype=np_dtype.name)
+    trace.diagnoses.extend(shape_warnings if check else [])
     ctx = checks_mod.CheckContext(plan, state.values, trace, spec)
     functions = dict(STEP_FUNCTIONS, **(overrides or {}))
     for step in plan.steps:
@@ -282,6 +288,8 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
             trace.diagnoses.extend(found)
             trace.checks_passed.extend(passed)
         _release(state, step.key)
+        if on_step is not None:
+            on_step(step, array, trace)
     if check and not any(d.code == "ATT-W204" for d in trace.diagnoses):
         trace.checks_passed.append("no NaN or inf in any step")
     return trace

@@ -8,6 +8,7 @@ column, so every message can point at the line the user edits.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -15,7 +16,16 @@ import yaml
 
 from .errors import Location, input_error
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The safe loader, reading 1e9 and -1e-9 as numbers (YAML 1.2) as well as 1.0e+9:
+    PyYAML's YAML 1.1 rules read `-1e9`, the usual additive mask value, as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 PathKey = Union[str, int]
 

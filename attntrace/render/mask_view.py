@@ -106,7 +106,9 @@ def render_mask(console, picture, diagnoses: Sequence, traces=None, precision: i
                 heads: Optional[Sequence[int]] = None, explicit_convention: bool = False) -> None:
     header = [Text.assemble(("mask ", "dim"), (picture.description, "bold")),
               Text(f"seq_q={picture.seq_q}  seq_k={picture.seq_k}" + (f"  batch={picture.batch}" if picture.batch > 1 else "")
-                   + ("   (queries are the last positions: KV-cache decoding)" if picture.seq_q < picture.seq_k else ""))]
+                   + ("   (queries are the last positions: KV-cache decoding)" if picture.seq_q < picture.seq_k else
+                      f"   (aligned bottom-right as flash-attn: the first {picture.seq_q - picture.seq_k} queries "
+                      "come before every key)" if picture.seq_q > picture.seq_k else ""))]
     console.print(Panel(Group(*header), title="attntrace mask", title_align="left", expand=False))
     console.print(Text("may attend (✓) / blocked (·) — rows: queries, columns: keys", style="bold"))
     console.print(_tables(picture, picture.keep, precision, console.width))
