@@ -18,8 +18,9 @@ from rich.text import Text
 from ..stats import edge_indices
 from .diagnosis import diagnosis_panel
 from .json_view import VALUES_LIMIT
-from .matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
-from .trace_view import SCORE_HOOKS, ViewOptions, _axis_labels, _matrices, _stats_line, header_renderable, named_shape
+from .matrix import MatrixView, fmt_number
+from .trace_view import (ViewOptions, _axis_labels, _matrices, _stats_line, header_renderable, matrix_grid,
+                         named_shape)
 
 
 class GradientsAsForward:
@@ -71,12 +72,8 @@ def grad_renderable(view, point, number: int, total: int, check, options: ViewOp
             _stats_line(view, point.of, options.precision),
             check_line(check)]
     views = [parameter_view(view, point, options)] if point.is_parameter else list(_matrices(view, point.of, options))
-    compact = options.heatmap if options.heatmap is not None else (point.of in SCORE_HOOKS and len(views) > 2)
-    blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
-    if compact and blocks:
-        body.append(Text("heatmaps: ░ most negative … █ most positive (--head N for numbers)", style="dim"))
-    if blocks:
-        body.append(side_by_side(blocks, width))
+    body.extend(matrix_grid(views, point.of, options, width,
+                            "heatmaps: ░ most negative … █ most positive (--head N for numbers)"))
     return Group(*body)
 
 

@@ -153,14 +153,19 @@ def step_renderable(trace, step, options: ViewOptions, width: int = 120):
             _stats_line(trace, hook, options.precision)]
     if hook == "attn.hook_scaled":
         body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
-    views = list(_matrices(trace, hook, options))
+    body.extend(matrix_grid(list(_matrices(trace, hook, options)), hook, options, width,
+                            "heatmaps: ░ low … █ high (--values for numbers, --head N for one head)"))
+    return Group(*body)
+
+
+def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str) -> list:
+    """The matrices of one step laid out as a grid: numbers, or compact heatmaps when
+    asked for or when a score step has more than two panels."""
     compact = options.heatmap if options.heatmap is not None else (hook in SCORE_HOOKS and len(views) > 2)
     blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
-    if compact and blocks:
-        body.append(Text("heatmaps: ░ low … █ high (--values for numbers, --head N for one head)", style="dim"))
-    if blocks:
-        body.append(side_by_side(blocks, width))
-    return Group(*body)
+    if not blocks:
+        return []
+    return ([Text(legend, style="dim")] if compact else []) + [side_by_side(blocks, width)]
 
 
 def header_renderable(trace) -> Panel:
