@@ -73,6 +73,10 @@ def resolve_hook_name(name: str, location: Optional[Location] = None,
     names = list(available) if available is not None else list(HOOKS_BY_NAME)
     if bare in names:
         return bare
+    if bare in HOOKS_BY_NAME:   # a real hook point this spec does not have (no RoPE, no mask ...)
+        raise input_error("ATT-E015", f"hook point '{bare}' is not part of this run "
+                                      f"({HOOKS_BY_NAME[bare].what})", location,
+                          hint="`attntrace hooks SPEC` lists the hook points of a spec")
     candidates = names + list(ALIASES)
     close = difflib.get_close_matches(bare, candidates, n=2, cutoff=0.5)
     if not close and not bare.startswith("attn.") and "attn." + bare in names:

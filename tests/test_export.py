@@ -1,0 +1,140 @@
+"""`run --export`: rendered (.svg .html .txt) and data (.json .npz) files, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import yaml
+
+from attntrace.export import atomic_write
+
+X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+ABC = {"version": 1, "name": "abc", "tokens": ["A", "B", "C"], "embeddings": X,
+       "attention": {"heads": 1, "W_q": [[1, 0], [1, 0], [0, 1], [0, 1]],
+                     "W_k": [[0, 1], [0, 1], [1, 0], [1, 0]], "W_v": [[1, 0], [0, 1], [1, 0], [0, 1]]}}
+QK = [[10, 58, 106], [58, 234, 410], [106, 410, 714]]      # Q·Kᵀ worked out in test_seed_values.py
+
+
+@pytest.fixture
+def spec_path(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(ABC), encoding="utf-8")
+    return path
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_every_format_is_written(invoke, spec_path, tmp_path):
+    names = ["t.svg", "t.html", "t.txt", "t.json", "t.npz"]
+    args = ["run", spec_path]
+    for name in names:
+        args += ["--export", tmp_path / name]
+    code, out = invoke(*args)
+    assert code == 0, out
+    assert "exported:" in out
+    svg = (tmp_path / "t.svg").read_text(encoding="utf-8")
+    assert svg.lstrip().startswith("<svg") and "scores" in svg
+    html = (tmp_path / "t.html").read_text(encoding="utf-8")
+    assert "<html" in html.lower() and "410" in html
+    text = (tmp_path / "t.txt").read_text(encoding="utf-8")
+    assert "attntrace · abc" in text and "\x1b[" not in text         # plain text, no escape codes
+    assert leftovers(tmp_path) == []
+
+
+def test_npz_holds_every_hook_and_loads_without_pickle(invoke, spec_path, tmp_path):
+    target = tmp_path / "t.npz"
+    assert invoke("run", spec_path, "--export", target)[0] == 0
+    with np.load(target, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["attn.hook_qk"][0, 0], QK)
+        assert saved["__tokens__"].tolist() == ["A", "B", "C"]
+        assert saved["__hooks__"].tolist()[:2] == ["hook_embed", "attn.hook_q"]
+        assert str(saved["__name__"]) == "abc"
+
+
+def test_json_holds_full_values(invoke, spec_path, tmp_path):
+    target = tmp_path / "t.json"
+    assert invoke("run", spec_path, "--export", target, "--format", "json")[0] == 0
+    doc = json.loads(target.read_text(encoding="utf-8"))
+    qk = next(s for s in doc["steps"] if s["hook"] == "attn.hook_qk")
+    assert qk["values"] == [[QK]]
+
+
+def test_json_export_includes_expectations(invoke, tmp_path):
+    data = dict(ABC, expect={"scores": {"cell": ["B", "C"], "value": 400}})
+    path = tmp_path / "hand.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    code, _ = invoke("run", path, "--export", tmp_path / "t.json")
+    assert code == 1                                  # 400 is wrong: 9·21 + 13·17 = 410
+    doc = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
+    assert doc["expect"]["first_divergence"]["true"] == 410
+
+
+def test_refuses_to_overwrite_the_spec_or_its_arrays(invoke, tmp_path):
+    np.savez(tmp_path / "x.npz", X=np.array(X, dtype=float))
+    data = dict(ABC, embeddings={"npz": "x.npz", "key": "X"})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data), encoding="utf-8")
+    before = (tmp_path / "x.npz").read_bytes()
+    (tmp_path / "sub").mkdir()
+    # the array file, also through another spelling of its path
+    for target in (tmp_path / "x.npz", tmp_path / "sub" / ".." / "x.npz"):
+        code, out = invoke("run", spec, "--export", target, "--format", "json")
+        assert code == 2
+        d = json.loads(out)["diagnoses"][0]
+        assert d["code"] == "ATT-E064" and "input of this run" in d["message"]
+    assert (tmp_path / "x.npz").read_bytes() == before
+
+
+def test_refuses_to_overwrite_the_spec(invoke, tmp_path):
+    spec = tmp_path / "spec.json"          # JSON is YAML: a spec may be a .json file
+    spec.write_text(json.dumps(ABC), encoding="utf-8")
+    code, out = invoke("run", spec, "--export", spec, "--format", "json")
+    assert code == 2
+    assert "input of this run" in json.loads(out)["diagnoses"][0]["message"]
+    assert json.loads(spec.read_text(encoding="utf-8")) == ABC
+
+
+def test_refuses_patch_files(invoke, spec_path, tmp_path):
+    np.savez(tmp_path / "patch.npz", **{"attn.hook_v": np.zeros((1, 3, 1, 2))})
+    code, out = invoke("run", spec_path, "--hook", f"V:patch={tmp_path / 'patch.npz'}",
+                       "--export", tmp_path / "patch.npz", "--format", "json")
+    assert code == 2
+    assert "input of this run" in json.loads(out)["diagnoses"][0]["message"]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("out.png", "unknown export format"),
+    ("missing_folder/out.svg", "does not exist"),
+])
+def test_bad_targets_exit_2_before_running(invoke, spec_path, tmp_path, name, words):
+    code, out = invoke("run", spec_path, "--export", tmp_path / name, "--format", "json")
+    assert code == 2
+    d = json.loads(out)["diagnoses"][0]
+    assert d["code"] == "ATT-E064" and words in d["message"]
+
+
+def test_folder_target_and_duplicates(invoke, spec_path, tmp_path):
+    (tmp_path / "dir.svg").mkdir()
+    assert invoke("run", spec_path, "--export", tmp_path / "dir.svg")[0] == 2
+    assert invoke("run", spec_path, "--export", tmp_path / "a.txt", "--export", tmp_path / "a.txt")[0] == 2
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+
+    def explode(stream):
+        stream.write(b"half")
+        raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError):
+        atomic_write(target, explode)
+    assert target.read_text() == "old" and leftovers(tmp_path) == []
+    atomic_write(target, lambda stream: stream.write(b"new"))
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640          # the replaced file's mode is kept
