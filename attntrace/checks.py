@@ -80,9 +80,12 @@ def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
     col_sums = pattern.sum(axis=-2, dtype=np.float64)
     detail = ["each column sums to 1 instead: softmax ran over seq_q, not seq_k"] \
         if np.allclose(col_sums, 1.0, atol=tol * 10) else []
+    hint = "softmax must normalise over the key axis (axis=-1)"
+    if not detail and keep is not None and np.all(sums[live] <= 1.0 + tol):
+        hint = ("rows sum to less than 1 where keys are blocked: were the weights zeroed after softmax? "
+                "Mask the scores (-inf) before softmax instead")
     return [ctx.warn("ATT-W201", "pattern", f"{bad} row(s) of weights do not sum to 1 "
-                     f"(worst: {sums[worst]:.6g} at {_where(worst)})", details=detail,
-                     hint="softmax must normalise over the key axis (axis=-1)")]
+                     f"(worst: {sums[worst]:.6g} at {_where(worst)})", details=detail, hint=hint)]
 
 
 @describes("masked positions get exactly zero weight")
@@ -98,7 +101,9 @@ def masked_weights_are_zero(ctx: CheckContext) -> List[Diagnosis]:
         ctx.stats("pattern").min >= 0 or np.min(pattern, where=blocked, initial=0.0) == 0)
     if clean:
         return []
-    leak = np.where(keep, 0.0, np.abs(pattern))
+    leak = np.where(keep, 0.0, np.abs(np.nan_to_num(pattern, nan=0.0)))   # NaN is ATT-W204's to report
+    if not (leak > 0).any():
+        return []
     worst = np.unravel_index(int(leak.argmax()), leak.shape)
     return [ctx.warn("ATT-W202", "pattern", f"{int((leak > 0).sum())} masked position(s) got weight; "
                      f"largest {leak[worst]:.4g} at {_where(worst[:3])}, key {int(worst[3])}",
@@ -278,7 +283,7 @@ def causal_independence(spec, trace, rerun: Callable) -> List[Diagnosis]:
             ctx = CheckContext(plan, {}, trace, spec)
             names = ", ".join(ctx.token_q(i) for i in rows[:8]) + (" ..." if len(rows) > 8 else "")
             return [ctx.warn("ATT-W224", "out", f"under a causal mask, output row(s) {names} changed when only "
-                             f"tokens from position {ctx.token_q(cut)} on were changed: earlier tokens "
+                             f"later tokens (positions {cut}–{seq - 1}) were changed: earlier tokens "
                              f"see the future", details=[f"re-ran with the embeddings of positions {cut}–{seq - 1} "
                                                          f"perturbed; rows 0–{cut - 1} must stay identical"],
                              hint="the mask must block every key after the query, before softmax, in every "

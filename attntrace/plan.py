@@ -102,9 +102,9 @@ class Plan:
             "rot_q": 3 * b * q * h * d("d_head"),
             "rot_k": 3 * b * k * d("n_kv_heads") * d("d_head"),
             "qk": 2 * b * h * q * k * d("d_head"),
-            "scaled": b * h * q * k,
-            "attn_scores": b * h * q * k,
-            "pattern": 4 * b * h * q * k,          # max, subtract, exp, divide
+            "scaled": (2 if self.positional == "alibi" else 1) * b * h * q * k,   # ALiBi adds a bias
+            "attn_scores": b * h * q * k if self.masked else 0,                   # one select per score
+            "pattern": 5 * b * h * q * k,          # max, subtract, exp, sum, divide
             "z": 2 * b * h * q * k * d("d_v"),
             "z_concat": 0,
             "out": 2 * b * q * h * d("d_v") * d("d_out") if self.has_w_o else 0,
@@ -177,6 +177,7 @@ def plan_from_sizes(*, seq: int, d_model: int, heads: int, batch: int = 1, kv_he
                     d_head: Optional[int] = None, d_v: Optional[int] = None, seq_k: Optional[int] = None,
                     masked: bool = False, positional: str = "none", has_w_o: bool = True) -> Plan:
     """A plan from sizes alone (``explain-shapes`` flags).  Sizes must be consistent."""
+    d_head_bound = "--d-head" if d_head else "d_model / heads"
     d_head = d_head or d_model // heads
     flag = "--{}".format
     return build_plan(
@@ -184,8 +185,9 @@ def plan_from_sizes(*, seq: int, d_model: int, heads: int, batch: int = 1, kv_he
         seq_k=Dim("seq_k", seq_k or seq, flag("seq-k") if seq_k else flag("seq")),
         d_model=Dim("d_model", d_model, flag("d-model")), n_heads=Dim("n_heads", heads, flag("heads")),
         n_kv_heads=Dim("n_kv_heads", kv_heads or heads, flag("kv-heads") if kv_heads else flag("heads")),
-        d_head=Dim("d_head", d_head, flag("d-head") if d_head else "d_model / heads"),
-        d_v=Dim("d_v", d_v or d_head, "d_head"), d_out=Dim("d_out", d_model, flag("d-model")),
+        d_head=Dim("d_head", d_head, d_head_bound),
+        d_v=Dim("d_v", d_v or d_head, flag("d-v") if d_v else "d_head"),
+        d_out=Dim("d_out", d_model, flag("d-model")),
         cross=seq_k is not None, masked=masked, positional=positional,
         scale=(d_head ** -0.5), has_w_o=has_w_o)
 

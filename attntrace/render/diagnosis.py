@@ -1,6 +1,7 @@
 """Diagnoses as rich panels: headline, rule, operand table, bindings, fixes."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
 from rich.console import Group
@@ -12,9 +13,19 @@ from rich.text import Text
 def diagnosis_panel(d) -> Panel:
     error = d.severity == "error"
     colour = "red" if error else "yellow"
-    parts: List = [Text(d.message, style="bold")]
+    # the headline: `ATT-E101 shape mismatch in step 4/10 'scores = Q·Kᵀ': ...`
+    head, _, rest = d.message.partition(": ")
+    if not (d.step and rest and d.step in head):
+        head, rest = d.message, ""
+    parts: List = [Text.assemble((d.code + " ", f"bold {colour}"), (head, "bold"))]
+    if rest:
+        parts.append(Text(rest))
     for loc in d.locations[:1] if not d.operands else []:
         parts.append(Text(f"at {loc}", style="cyan"))
+    if d.operands and d.locations:     # every YAML place involved, operands and derived ones alike
+        parts.append(Text.assemble(("yaml  ", "dim"), ("; ".join(
+            f"{Path(loc.file).name if loc.file else '<spec>'}:{loc.line} {loc.path}".rstrip()
+            for loc in d.locations), "cyan")))
     if d.rule:
         parts.append(Text.assemble(("rule  ", "dim"), d.rule))
     if d.operands:
@@ -22,26 +33,37 @@ def diagnosis_panel(d) -> Panel:
         for column in ("operand", "shape", "axes", "from", "where"):
             table.add_column(column)
         for op in d.operands:
+            # the conflicting axis is marked ⟨…⟩ (readable without colour) and highlighted
+            def conflict(i, op=op):
+                return op.conflict_axis is not None and i in (op.conflict_axis, len(op.shape) + op.conflict_axis)
             shape = Text("(")
             for i, size in enumerate(op.shape):
-                conflict = op.conflict_axis is not None and (i == op.conflict_axis or i == len(op.shape) + op.conflict_axis)
-                shape.append(str(size), style="bold red reverse" if conflict else "")
+                shape.append(f"⟨{size}⟩" if conflict(i) else str(size), style="bold red reverse" if conflict(i) else "")
                 if i < len(op.shape) - 1:
                     shape.append("×")
             shape.append(")")
-            axes = Text("(" + ", ".join(op.axes) + ")") if op.axes else Text("")
-            where = f"{op.location.file}:{op.location.line}" if op.location and op.location.line else ""
+            axes = Text("")
+            if op.axes:
+                axes.append("(")
+                for i, name in enumerate(op.axes):
+                    axes.append(f"⟨{name}⟩" if conflict(i) else name, style="bold red" if conflict(i) else "")
+                    if i < len(op.axes) - 1:
+                        axes.append(", ")
+                axes.append(")")
+            where = f"{Path(op.location.file).name if op.location.file else '<spec>'}:{op.location.line}" \
+                if op.location and op.location.line else ""
             table.add_row(op.name, shape, axes, op.origin, where)
         parts.append(table)
     if d.bindings:
-        parts.append(Text("sizes bound by: " + "; ".join(d.bindings), style="dim"))
+        parts.append(Text("sizes bound by:", style="dim"))
+        parts.extend(Text("  " + binding, style="dim") for binding in d.bindings)
     for line in d.details:
         parts.append(Text(line))
     for fix in d.fixes:
         parts.append(Text.assemble(("fix  ", "green bold"), fix))
     if d.hint:
         parts.append(Text.assemble(("hint ", "cyan bold"), d.hint))
-    title = f"{d.code} {'error' if error else 'warning'}"
+    title = "error" if error else "warning"
     if d.hook:
         title += f" · {d.hook}"
     return Panel(Group(*parts), title=title, title_align="left", border_style=colour, expand=False)
