@@ -302,7 +302,7 @@ def _step_stats(step, array: np.ndarray, state: State, trace: Trace, standard: b
     if step.key == "scaled" and standard and state.plan.positional != "alibi" and state.plan.scale > 0:
         return scaled_stats(trace.stats["attn.hook_qk"], state.plan.scale)
     if step.key == "attn_scores" and "mask" in state:
-        return array_stats(array, valid=state["mask"])
+        return array_stats(array, valid=state["mask"], trusted=standard)
     return array_stats(array)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -17,19 +18,34 @@ def _mix(a, b, t: float):
     return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
 
 
+_LEVELS = 64      # colour steps per side: finer than the eye tells apart in a terminal
+
+
 def heat_style(value: float, lo: float, hi: float, diverging: bool) -> Style:
     if not np.isfinite(value):
-        return Style(color="grey50")
+        return _BLOCKED_STYLE
     if diverging:
         extent = max(abs(lo), abs(hi)) or 1.0
-        t = value / extent
+        level = round(max(-1.0, min(1.0, value / extent)) * _LEVELS)
+    else:
+        level = 0 if hi == lo else round(max(0.0, min(1.0, (value - lo) / (hi - lo))) * _LEVELS)
+    return _level_style(level, diverging)
+
+
+@functools.lru_cache(maxsize=None)
+def _level_style(level: int, diverging: bool) -> Style:
+    """One Style per colour level, built once: big traces colour thousands of cells."""
+    t = level / _LEVELS
+    if diverging:
         rgb = _mix(_MID, _POS, t) if t >= 0 else _mix(_MID, _NEG, -t)
         dark = abs(t) > 0.55
     else:
-        t = 0.0 if hi == lo else (value - lo) / (hi - lo)
         rgb = _mix(_LOW, _HIGH, t)
         dark = t > 0.5
     return Style(bgcolor=f"rgb({rgb[0]},{rgb[1]},{rgb[2]})", color="white" if dark else "black")
+
+
+_BLOCKED_STYLE = Style(color="grey50")
 
 
 def fmt_number(value: float, precision: int) -> str:
