@@ -265,44 +265,25 @@ def _kv_heads_tiled(notes: Notes) -> Dict[str, StepFn]:
 
 # =========================================================================== when a bug can show
 
-def _blocks_nothing(spec, plan) -> Optional[str]:
-    keep = _spec_mask(spec, plan)
-    if keep is None:
-        return "the spec has no mask"
-    if keep.all():
-        return "the mask blocks nothing"
-    return None
+def _mask_condition(why_not: Callable[[np.ndarray], Optional[str]]):
+    """A precondition on the spec's mask: None when the bug can show, else the reason it cannot."""
+    def needs(spec, plan) -> Optional[str]:
+        keep = _spec_mask(spec, plan)
+        return "the spec has no mask" if keep is None else why_not(keep)
+    return needs
 
 
-def _needs_mask(spec, plan) -> Optional[str]:
-    return "the spec has no mask" if _spec_mask(spec, plan) is None else None
-
-
-def _needs_partial_row(spec, plan) -> Optional[str]:
-    keep = _spec_mask(spec, plan)
-    if keep is None:
-        return "the spec has no mask"
-    if not ((~keep).any(axis=-1) & keep.any(axis=-1)).any():
-        return "no query row has both a visible and a blocked key"
-    return None
-
-
-def _needs_asymmetric_mask(spec, plan) -> Optional[str]:
-    keep = _spec_mask(spec, plan)
-    if keep is None:
-        return "the spec has no mask"
-    if keep.shape[-1] == keep.shape[-2] and np.array_equal(keep, keep.swapaxes(-1, -2)):
-        return "the mask is symmetric: swapping its axes changes nothing"
-    return None
-
-
-def _needs_empty_row(spec, plan) -> Optional[str]:
-    keep = _spec_mask(spec, plan)
-    if keep is None:
-        return "the spec has no mask"
-    if keep.any(axis=-1).all():
-        return "every query may attend to some key (no fully masked row)"
-    return None
+_needs_mask = _mask_condition(lambda keep: None)
+_blocks_nothing = _mask_condition(lambda keep: "the mask blocks nothing" if keep.all() else None)
+_needs_partial_row = _mask_condition(
+    lambda keep: None if ((~keep).any(axis=-1) & keep.any(axis=-1)).any()
+    else "no query row has both a visible and a blocked key")
+_needs_asymmetric_mask = _mask_condition(
+    lambda keep: "the mask is symmetric: swapping its axes changes nothing"
+    if keep.shape[-1] == keep.shape[-2] and np.array_equal(keep, keep.swapaxes(-1, -2)) else None)
+_needs_empty_row = _mask_condition(
+    lambda keep: None if not keep.any(axis=-1).all()
+    else "every query may attend to some key (no fully masked row)")
 
 
 def _needs_two_values(spec, plan) -> Optional[str]:

@@ -6,6 +6,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
+# Seed 002's A/B/C example as a spec dict (the numbers of configs/seed002_abc.yaml)
+ABC_X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+ABC = {"version": 1, "name": "abc", "tokens": ["A", "B", "C"], "embeddings": ABC_X,
+       "attention": {"heads": 1, "W_q": [[1, 0], [1, 0], [0, 1], [0, 1]],
+                     "W_k": [[0, 1], [0, 1], [1, 0], [1, 0]], "W_v": [[1, 0], [0, 1], [1, 0], [0, 1]]}}
+
 
 @pytest.fixture(autouse=True)
 def _plain_output(monkeypatch):
@@ -22,6 +28,15 @@ def write_spec(tmp_path):
         path.write_text(text, encoding="utf-8")
         return path
     return write
+
+
+@pytest.fixture
+def spec_path(tmp_path):
+    """Seed 002's A/B/C spec written to a temp folder."""
+    import yaml
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(ABC), encoding="utf-8")
+    return path
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from reference import softmax_row  # the plain-loop softmax of tests/reference.py
+
 import attntrace
 from conftest import CONFIGS
 
@@ -32,20 +34,14 @@ def plain_attention(X, W_q, W_k, W_v, heads, kv_heads=None, X_kv=None, keep=None
             scores = []
             for j in range(sk):
                 if keep is not None and not keep[i][j]:
-                    scores.append(None)
+                    scores.append(-math.inf)
                     continue
                 s = 0.0
                 for d in range(d_head):
                     s += Q[i, h * d_head + d] * K[j, g * d_head + d]
                 scores.append(s / math.sqrt(d_head))
-            live = [s for s in scores if s is not None]
-            if not live:
-                continue
-            top = max(live)
-            exps = [0.0 if s is None else math.exp(s - top) for s in scores]
-            total = sum(exps)
+            pattern[h, i] = softmax_row(scores)
             for j in range(sk):
-                pattern[h, i, j] = exps[j] / total
                 for e in range(d_v):
                     z[i, h, e] += pattern[h, i, j] * V[j, g * d_v + e]
     concat = z.reshape(sq, heads * d_v)

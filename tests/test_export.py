@@ -11,18 +11,8 @@ import yaml
 
 from attntrace.export import atomic_write
 
-X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-ABC = {"version": 1, "name": "abc", "tokens": ["A", "B", "C"], "embeddings": X,
-       "attention": {"heads": 1, "W_q": [[1, 0], [1, 0], [0, 1], [0, 1]],
-                     "W_k": [[0, 1], [0, 1], [1, 0], [1, 0]], "W_v": [[1, 0], [0, 1], [1, 0], [0, 1]]}}
+from conftest import ABC, ABC_X as X  # noqa: E402
 QK = [[10, 58, 106], [58, 234, 410], [106, 410, 714]]      # Q·Kᵀ worked out in test_seed_values.py
-
-
-@pytest.fixture
-def spec_path(tmp_path):
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(ABC), encoding="utf-8")
-    return path
 
 
 def leftovers(folder):

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from reference import softmax_row  # the plain-loop softmax of tests/reference.py
+
 import attntrace
 from attntrace import masks
 from conftest import CONFIGS
@@ -56,15 +58,8 @@ def plain_pattern(X, W_q, W_k, W_v, heads, keep=None):
                 for j in range(X.shape[1]):
                     s = sum(Q[i, h * d_head + d] * K[j, h * d_head + d] for d in range(d_head)) / math.sqrt(d_head)
                     visible = keep is None or keep[b if keep.shape[0] > 1 else 0][i][j]
-                    scores.append(s if visible else None)
-                live = [s for s in scores if s is not None]
-                if not live:
-                    continue
-                top = max(live)
-                exps = [0.0 if s is None else math.exp(s - top) for s in scores]
-                total = sum(exps)
-                for j, e in enumerate(exps):
-                    out[b, h, i, j] = e / total
+                    scores.append(s if visible else -math.inf)
+                out[b, h, i] = softmax_row(scores)
     return out
 
 

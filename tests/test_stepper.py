@@ -10,18 +10,8 @@ import yaml
 
 from attntrace.stepper import LineReader
 
-X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-ABC = {"version": 1, "tokens": ["A", "B", "C"], "embeddings": X,
-       "attention": {"heads": 1, "W_q": [[1, 0], [1, 0], [0, 1], [0, 1]],
-                     "W_k": [[0, 1], [0, 1], [1, 0], [1, 0]], "W_v": [[1, 0], [0, 1], [1, 0], [0, 1]]}}
+from conftest import ABC, ABC_X as X  # noqa: E402
 STEPS = 11     # embed, q, k, v, qk, scaled, attn_scores, pattern, z, z_concat, out
-
-
-@pytest.fixture
-def spec_path(tmp_path):
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(ABC), encoding="utf-8")
-    return path
 
 
 def prompts(out):
