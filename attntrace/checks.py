@@ -66,7 +66,7 @@ def _where(index) -> str:
 @describes("every row of weights sums to 1")
 def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
     pattern = ctx.values["pattern"]
-    sums = pattern.sum(axis=-1, dtype=np.float64)
+    sums = ctx.trace.row_sums if ctx.trace.row_sums is not None else pattern.sum(axis=-1, dtype=np.float64)
     keep = ctx.values.get("mask")
     # a row whose mask blocks every key is all 0 (safe softmax); every other row must sum to 1,
     # including rows that came out 0 although the mask lets them see a key

@@ -283,6 +283,7 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
                                              step.hook not in hookset.hooked)
         if step.key == "pattern":
             trace.winners = row_winners(array)
+            trace.row_sums = array.sum(axis=-1, dtype=np.float64)
         if check:
             found, passed = checks_mod.run_step_checks(step.key, ctx)
             trace.diagnoses.extend(found)

@@ -122,10 +122,11 @@ def _matrices(trace, hook: str, options: ViewOptions):
                               value_range=(0.0, 1.0) if is_pattern else None)
             if is_pattern and trace.winners is not None:
                 top_w, top_k = trace.winners
-                view.row_top = [f"{fmt_number(float(top_w[b, h, r]), 2)} → {trace.spec.key_tokens[int(top_k[b, h, r])] if int(top_k[b, h, r]) < len(trace.spec.key_tokens) else int(top_k[b, h, r])}"
-                                for r in rows]
-                if len(cols) == n_cols:
-                    view.row_sums = matrix.sum(axis=-1)
+                key_labels = _labels(trace.spec.key_tokens, top_k[b, h, rows])
+                view.row_top = [f"{fmt_number(float(top_w[b, h, r]), 2)} → {label}"
+                                for r, label in zip(rows, key_labels)]
+                if trace.row_sums is not None:     # over every key, also when columns are elided
+                    view.row_sums = trace.row_sums[b, h, rows]
             yield view
 
 
