@@ -214,10 +214,6 @@ def run_step_checks(key: str, ctx: CheckContext) -> Tuple[List[Diagnosis], List[
     return found, passed
 
 
-def first_warning(diagnoses: List[Diagnosis]) -> Optional[Diagnosis]:
-    return next((d for d in diagnoses if d.severity == "warning"), None)
-
-
 # --------------------------------------------------------------------------- opt-in checks (--check all)
 #
 # These re-run attention on perturbed copies of the spec, so they cost a few runs

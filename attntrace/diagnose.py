@@ -146,7 +146,6 @@ class Operands:
     def head_of(self, weight: str, width_per_head: int, head: int = 0, conflict: Optional[int] = None,
                 transposed: bool = False) -> Operand:
         """One head of Q, K or V as (seq, d): the operand of the scores or mixing step."""
-        encoder = self.spec.is_cross and weight in ("W_k", "W_v")
         seq_axis = "seq_k" if weight in ("W_k", "W_v") else "seq_q"
         seq = self.plan.size(seq_axis)
         width_axis = "d_v" if weight == "W_v" else "d_head"
@@ -425,7 +424,7 @@ def alignment_table(shape: Sequence[Optional[int]], target: Sequence[int], names
     padded_t = [None] * (n - len(target)) + list(target)
     names = [""] * (n - len(names)) + list(names)
     width = max(len(what), 6)
-    lines = [f"broadcast alignment (right-aligned, as numpy does):",
+    lines = ["broadcast alignment (right-aligned, as numpy does):",
              f"  {'axis':>8}  {'scores':>7}  {what:>{width}}  verdict"]
     for s, t, name in zip(padded, padded_t, names):
         if s is None:
@@ -463,11 +462,6 @@ def looks_like_linear_weight(key: str) -> bool:
 def find_problems(spec, plan: Plan) -> List[Diagnosis]:
     """Every shape conflict of the spec against the plan, in step order."""
     return _run_checks(spec, plan).found
-
-
-def find_warnings(spec, plan: Plan) -> List[Diagnosis]:
-    """Shape findings that do not stop a run: evidence of a transposition the sizes cannot show."""
-    return _run_checks(spec, plan).warnings
 
 
 def _run_checks(spec, plan: Plan) -> _Checker:

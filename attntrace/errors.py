@@ -123,12 +123,6 @@ class ShapeError(AttnTraceError):
     exit_code = EXIT_SHAPE_ERROR
 
 
-class CheckFailed(AttnTraceError):
-    """An expectation or a strict invariant check failed (exit 1)."""
-
-    exit_code = EXIT_CHECK_FAILED
-
-
 def input_error(code: str, message: str, location: Optional[Location] = None,
                 hint: Optional[str] = None) -> InputError:
     """Shorthand for the common one-location input error."""

@@ -7,7 +7,7 @@ checks a spec's arrays against it before numpy ever runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import Location

@@ -117,12 +117,7 @@ class Preview:
     col_axis: int
     rows: np.ndarray              # original indices of the kept rows
     cols: np.ndarray
-
-    @property
-    def elided(self) -> bool:
-        return len(self.rows) < self.full_rows or len(self.cols) < self.full_cols
-
-    full_rows: int = 0
+    full_rows: int = 0            # sizes of the row and column axes before the cut
     full_cols: int = 0
 
 
@@ -139,9 +134,6 @@ def row_winners(pattern: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     top = pattern.argmax(axis=-1)
     return np.take_along_axis(pattern, top[..., None], axis=-1)[..., 0], top
 
-
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
 
 
 def fmt_shape(shape: Sequence[int]) -> str:

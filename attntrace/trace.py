@@ -68,6 +68,3 @@ class Trace:
         if array.shape[0] == 1:
             array = array[0]
         return array
-
-    def output(self) -> np.ndarray:
-        return self["hook_attn_out"]
