@@ -5,12 +5,11 @@ import io
 import os
 import time
 
-import pytest
 import yaml
 
 from attntrace.stepper import LineReader
 
-from conftest import ABC, ABC_X as X  # noqa: E402
+from conftest import ABC  # noqa: E402
 STEPS = 11     # embed, q, k, v, qk, scaled, attn_scores, pattern, z, z_concat, out
 
 
