@@ -14,15 +14,15 @@ __all__ = ["load_spec", "load_spec_text", "run", "Trace", "Spec", "AttnTraceErro
 
 def __getattr__(name):
     if name in ("load_spec", "load_spec_text", "Spec"):
-        from . import spec
+        from attntrace.inputs import spec
         return getattr(spec, name)
     if name == "run":
-        from .engine import run
+        from attntrace.core.engine import run
         return run
     if name == "Trace":
-        from .trace import Trace
+        from attntrace.core.trace import Trace
         return Trace
     if name == "AttnTraceError":
-        from .errors import AttnTraceError
+        from attntrace.errors import AttnTraceError
         return AttnTraceError
     raise AttributeError(f"module 'attntrace' has no attribute {name!r}")

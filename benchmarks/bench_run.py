@@ -65,7 +65,7 @@ def bare_numpy(folder: Path, heads: int) -> np.ndarray:
 
 def attntrace_run(spec: Path) -> None:
     from click.testing import CliRunner   # the real command, output discarded
-    from attntrace.cli import cli
+    from attntrace.cli.main import cli
     result = CliRunner().invoke(cli, ["run", str(spec)], catch_exceptions=False)
     if result.exit_code != 0:
         raise SystemExit(f"attntrace run failed:\n{result.output[-2000:]}")

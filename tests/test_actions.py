@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 import attntrace
-from attntrace.cli import cli
+from attntrace.cli.main import cli
 
 # seed 002's A, B, C: Q·Kᵀ = [[10, 58, 106], [58, 234, 410], [106, 410, 714]], V rows [2, 4], [10, 12], [18, 20]
 X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]

@@ -23,7 +23,7 @@ def test_run_without_a_file_shows_the_builtin_example(invoke):
 
 
 def test_builtin_example_is_the_seed000_config():
-    from attntrace.commands.run import BUILTIN_EXAMPLE
+    from attntrace.cli.run import BUILTIN_EXAMPLE
     assert BUILTIN_EXAMPLE.read_text(encoding="utf-8") == (CONFIGS / "seed000_cat_mouse.yaml").read_text(encoding="utf-8")
 
 
@@ -144,7 +144,7 @@ def test_python_dash_m_and_lazy_imports():
     result = subprocess.run([sys.executable, "-m", "attntrace", "--version"], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 0 and "attntrace" in result.stdout
-    probe = ("import sys, attntrace.cli; "
+    probe = ("import sys, attntrace.cli.main; "
              "print(any(m in sys.modules for m in ('numpy', 'rich', 'yaml')))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "False", "attntrace --help must not import numpy, rich or yaml"

@@ -32,8 +32,8 @@ def _spec_dict(path: Path) -> dict:
 
 def _runs_clean(data: dict, base: Path) -> bool:
     """True when the spec, as a dict, passes pre-flight and runs."""
-    from attntrace.engine import run
-    from attntrace.spec import load_spec_text
+    from attntrace.core.engine import run
+    from attntrace.inputs.spec import load_spec_text
     try:
         run(load_spec_text(yaml.safe_dump(data, allow_unicode=True), base_dir=base), check=False)
     except ShapeError:
@@ -224,9 +224,9 @@ attention:
 
 def test_clean_configs_raise_no_diagnosis():
     """Every example spec (not bug_*) runs with no diagnosis at all, including the opt-in checks."""
-    from attntrace.checks import run_checked
-    from attntrace.plan import plan_from_spec
-    from attntrace.spec import load_spec
+    from attntrace.analysis.checks import run_checked
+    from attntrace.core.plan import plan_from_spec
+    from attntrace.inputs.spec import load_spec
     paths = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("bug_"))
     paths += [CONFIGS / "bug_inject_wide_heads.yaml"]          # a clean inject target
     assert len(paths) >= 5
@@ -241,12 +241,12 @@ def test_clean_configs_raise_no_diagnosis():
 # --------------------------------------------------------------------------- runtime named checks
 
 def _plan():
-    from attntrace.plan import plan_from_sizes
+    from attntrace.core.plan import plan_from_sizes
     return plan_from_sizes(seq=4, d_model=8, heads=2)
 
 
 def test_check_matmul_sizes_and_names():
-    from attntrace.diagnose import check_matmul
+    from attntrace.analysis.diagnose import check_matmul
     plan = _plan()
     q = Operand("Q", (4, 4), ("seq_q", "d_head"))
     k = Operand("K", (3, 4), ("seq_k", "d_head"))
@@ -261,7 +261,7 @@ def test_check_matmul_sizes_and_names():
 
 
 def test_check_reshape_arithmetic_and_order():
-    from attntrace.diagnose import check_reshape
+    from attntrace.analysis.diagnose import check_reshape
     plan = _plan()
     flat = Operand("Q", (4, 8), ("seq_q", "n_heads·d_head"))
     with pytest.raises(ShapeError) as info:
@@ -275,7 +275,7 @@ def test_check_reshape_arithmetic_and_order():
 
 
 def test_check_broadcast_table_and_swapped_names():
-    from attntrace.diagnose import check_broadcast
+    from attntrace.analysis.diagnose import check_broadcast
     plan = _plan()
     scores = Operand("scores", (1, 2, 4, 4), ("batch", "n_heads", "seq_q", "seq_k"))
     with pytest.raises(ShapeError) as info:
@@ -292,7 +292,7 @@ def test_check_broadcast_table_and_swapped_names():
 
 def test_rows_that_should_see_a_key_but_sum_to_zero_warn():
     """A row the mask lets see keys must sum to 1, even when it came out all zeros."""
-    from attntrace.engine import run
+    from attntrace.core.engine import run
     spec = {"tokens": ["a", "b"], "embeddings": [[1.0, 0.0], [0.0, 1.0]],
             "attention": {"W_q": [[1, 0], [0, 1]], "W_k": [[1, 0], [0, 1]], "W_v": [[1, 0], [0, 1]],
                           "mask": {"padding": [1, 1]}}}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from attntrace.diff import differences
+from attntrace.analysis.diff import differences
 
 X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 ABC = {"version": 1, "tokens": ["A", "B", "C"], "embeddings": X,

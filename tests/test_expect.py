@@ -13,7 +13,7 @@ import pytest
 
 import attntrace
 from attntrace.errors import InputError, ShapeError
-from attntrace.expect import cells_close, check_expectations
+from attntrace.analysis.expect import cells_close, check_expectations
 from conftest import CONFIGS
 
 # seed 002: Q rows A [1, 5], B [9, 13], C [17, 21]; K rows A [5, 1], B [13, 9], C [21, 17]

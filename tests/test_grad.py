@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import attntrace
-from attntrace.backward import (backward, grouped_mix_backward, grouped_scores_backward, linear_backward,
+from attntrace.core.backward import (backward, grouped_mix_backward, grouped_scores_backward, linear_backward,
                                 softmax_backward)
-from attntrace.gradcheck import check_gradients
+from attntrace.analysis.gradcheck import check_gradients
 from conftest import CONFIGS
 
 import reference
@@ -237,7 +237,7 @@ def test_backward_matches_central_finite_differences(case):
 
 
 def test_finite_differences_catch_a_wrong_softmax_backward(monkeypatch):
-    from attntrace import backward as backward_module
+    from attntrace.core import backward as backward_module
     # a classic mistake: the softmax gradient without the rowsum term
     monkeypatch.setattr(backward_module, "softmax_backward", lambda p, dp: p * dp)
     grads = grads_of(random_spec(41, heads=2))
@@ -374,7 +374,7 @@ def test_cli_every_grad_config_verifies(invoke, config):
 def test_cli_exit_1_when_a_gradient_fails(invoke, monkeypatch):
     code, out = invoke("grad", SEED_CONFIG, "--tolerance", "0", "--format", "json")
     assert code == 1 and json.loads(out)["verified"] is False
-    from attntrace import backward as backward_module
+    from attntrace.core import backward as backward_module
     monkeypatch.setattr(backward_module, "softmax_backward", lambda p, dp: p * dp)
     code, out = invoke("grad", CONFIGS / "grad_cross_attention.yaml")
     assert code == 1

@@ -10,7 +10,7 @@ import pytest
 
 import attntrace
 from attntrace.errors import InputError
-from attntrace.hooks import HookSet
+from attntrace.core.hooks import HookSet
 
 # seed 002's A, B, C (see test_seed_values.py): V rows A [2, 4], B [10, 12], C [18, 20]
 X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
@@ -143,7 +143,7 @@ def test_on_step_sees_every_step_in_order():
 # --------------------------------------------------------------------------- attntrace hooks
 
 def test_hooks_command_lists_every_point(invoke):
-    from attntrace.hooks import HOOK_POINTS
+    from attntrace.core.hooks import HOOK_POINTS
     code, out = invoke("hooks", "--width", "200")
     assert code == 0
     for point in HOOK_POINTS:

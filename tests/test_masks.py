@@ -9,7 +9,7 @@ import pytest
 from reference import softmax_row  # the plain-loop softmax of tests/reference.py
 
 import attntrace
-from attntrace import masks
+from attntrace.core import masks
 from conftest import CONFIGS
 
 

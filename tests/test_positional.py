@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import attntrace
-from attntrace import positional
+from attntrace.core import positional
 from conftest import CONFIGS
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from attntrace.stats import CHUNK_VALUES, array_stats, scaled_stats
+from attntrace.core.stats import CHUNK_VALUES, array_stats, scaled_stats
 
 
 def plain(array):

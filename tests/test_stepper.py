@@ -7,7 +7,7 @@ import time
 
 import yaml
 
-from attntrace.stepper import LineReader
+from attntrace.render.stepper import LineReader
 
 from conftest import ABC  # noqa: E402
 STEPS = 11     # embed, q, k, v, qk, scaled, attn_scores, pattern, z, z_concat, out

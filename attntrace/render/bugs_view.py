@@ -54,7 +54,7 @@ def shape_error_document(verdict, exit_code: int) -> Dict:
 
 def render_shape_error(console, verdict) -> None:
     """A bug that broke the shapes: its diagnosis, then what was injected."""
-    from .diagnosis import render_diagnoses
+    from attntrace.render.diagnosis import render_diagnoses
     render_diagnoses(console, verdict.shape_error)
     console.print(verdict_panel(verdict))
 

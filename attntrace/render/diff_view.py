@@ -5,8 +5,8 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..expect import number
-from ..stats import fmt_shape
+from attntrace.analysis.expect import number
+from attntrace.core.stats import fmt_shape
 
 
 def _status(h) -> Text:

@@ -10,9 +10,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..expect import number, tolerance_text
-from ..stats import edge_indices
-from .diagnosis import diagnosis_panel
+from attntrace.analysis.expect import number, tolerance_text
+from attntrace.core.stats import edge_indices
+from attntrace.render.diagnosis import diagnosis_panel
 
 MAX_SHOWN = 12      # rows / columns before eliding like numpy
 EDGE = 4

@@ -123,7 +123,7 @@ def render_flow(console, flow, diagnoses=()) -> None:
     for line in diagram_lines(flow):
         console.print(Text("  " + line), overflow="ignore", crop=False, no_wrap=True)
     if diagnoses:
-        from .diagnosis import render_diagnoses
+        from attntrace.render.diagnosis import render_diagnoses
         console.print()
         console.print(Text("the shapes above are the ones the plan expects; the spec differs from them here "
                            "(the red steps):", style="bold red"))

@@ -15,11 +15,11 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ..stats import edge_indices
-from .diagnosis import diagnosis_panel
-from .json_view import VALUES_LIMIT
-from .matrix import MatrixView, fmt_number
-from .trace_view import (ViewOptions, _axis_labels, _matrices, _stats_line, header_renderable, matrix_grid,
+from attntrace.core.stats import edge_indices
+from attntrace.render.diagnosis import diagnosis_panel
+from attntrace.render.json_view import VALUES_LIMIT
+from attntrace.render.matrix import MatrixView, fmt_number
+from attntrace.render.trace_view import (ViewOptions, _axis_labels, _matrices, _stats_line, header_renderable, matrix_grid,
                          named_shape)
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from ..engine import PREVIEW_EDGE
-from ..stats import preview
-from ..trace import DISPLAY_AXES
+from attntrace.core.engine import PREVIEW_EDGE
+from attntrace.core.stats import preview
+from attntrace.core.trace import DISPLAY_AXES
 
 VALUES_LIMIT = 4096      # hooks with at most this many values carry them in full
 

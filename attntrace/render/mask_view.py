@@ -13,9 +13,9 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ..stats import edge_indices
-from .diagnosis import diagnosis_panel
-from .matrix import MatrixView, matrix_block, side_by_side
+from attntrace.core.stats import edge_indices
+from attntrace.render.diagnosis import diagnosis_panel
+from attntrace.render.matrix import MatrixView, matrix_block, side_by_side
 
 MAX_SHOWN = 24          # beyond this many rows/columns, elide like numpy
 EDGE = 8
@@ -57,7 +57,7 @@ def _counts_line(picture) -> Text:
 
 
 def _conventions(picture) -> Group:
-    from ..masks import CONVENTION_NOTES
+    from attntrace.core.masks import CONVENTION_NOTES
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True, style="bold cyan")
     grid.add_column(no_wrap=True)
@@ -80,7 +80,7 @@ def _cell(value) -> str:
 
 
 def _fully_masked_note(seq_k: int) -> Group:
-    from ..masks import fully_masked_row_outcomes
+    from attntrace.core.masks import fully_masked_row_outcomes
     outcomes = fully_masked_row_outcomes(seq_k)
     lines = [Text(f"a query row whose every key is blocked ({seq_k} keys), after softmax:", style="bold")]
     for name, row in outcomes.items():
@@ -127,7 +127,7 @@ def render_mask(console, picture, diagnoses: Sequence, traces=None, precision: i
 
 
 def _render_before_after(console, traces, precision: int, heads) -> None:
-    from .trace_view import ViewOptions, step_renderable
+    from attntrace.render.trace_view import ViewOptions, step_renderable
     for label, trace in zip(("before the mask", "after the mask"), traces):
         console.print(Rule(f"{label} · {trace.spec.name}", style="dim"))
         step = trace.plan.step("pattern")
@@ -141,7 +141,7 @@ def _render_before_after(console, traces, precision: int, heads) -> None:
 
 
 def mask_to_json(picture, diagnoses: Sequence, traces=None) -> Dict[str, Any]:
-    from ..masks import CONVENTION_NOTES, fully_masked_row_outcomes
+    from attntrace.core.masks import CONVENTION_NOTES, fully_masked_row_outcomes
     document: Dict[str, Any] = {
         "attntrace": 1,
         "command": "mask",

@@ -52,6 +52,6 @@ def report_errors(diagnoses: List, fmt: str, exit_code: int) -> None:
     if fmt == "json":
         print_json({"exit_code": exit_code, "diagnoses": [d.to_json() for d in diagnoses]})
         return
-    from .diagnosis import render_diagnoses
+    from attntrace.render.diagnosis import render_diagnoses
     console = make_console(stderr=True)
     render_diagnoses(console, diagnoses)

@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.text import Text
 
-from .matrix import MatrixView, fmt_number, heatmap_block
+from attntrace.render.matrix import MatrixView, fmt_number, heatmap_block
 
 PLOT_HEIGHT = 7
 MAX_HEATMAP_ROWS = 64

@@ -10,10 +10,10 @@ from rich.panel import Panel
 from rich.rule import Rule
 from rich.text import Text
 
-from ..stats import edge_indices
-from ..trace import DISPLAY_AXES
-from .diagnosis import diagnosis_panel
-from .matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
+from attntrace.core.stats import edge_indices
+from attntrace.core.trace import DISPLAY_AXES
+from attntrace.render.diagnosis import diagnosis_panel
+from attntrace.render.matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
 
 SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
 

@@ -1,0 +1,118 @@
+"""Command line: click commands that parse options, call the library, pick a renderer.
+
+Commands live in :mod:`attntrace.commands` and are imported only when run,
+so ``attntrace --help`` does not import numpy or rich.  No math, no formatting
+here: errors become diagnoses rendered by :mod:`attntrace.render`, and exit codes
+
+    0 success · 1 a check or expectation failed · 2 bad input or usage · 3 shape error
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+
+import click
+
+# command name -> (module, function, one-line help shown by `attntrace --help`)
+COMMANDS = {
+    "run": ("attntrace.cli.run", "run", "Trace every step of attention for a spec."),
+    "explain-shapes": ("attntrace.cli.explain", "explain_shapes",
+                       "Show the data flow: steps, formulas, shapes, hooks and cost."),
+    "bugs": ("attntrace.cli.bugs", "bugs", "List the deliberate bugs that --inject can put in."),
+    "mask": ("attntrace.cli.mask", "mask", "Show attention masks, their conventions and effect."),
+    "positions": ("attntrace.cli.positions", "positions", "Render positional encodings."),
+    "hooks": ("attntrace.cli.hooks", "hooks", "List hook points, with shapes for a spec."),
+    "check": ("attntrace.cli.check", "check", "Check a hand calculation (`expect:` in a spec)."),
+    "diff": ("attntrace.cli.diff", "diff", "Show where two traces first diverge."),
+    "grad": ("attntrace.cli.grad", "grad", "Run and verify the backward pass of attention."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use."""
+
+    def list_commands(self, ctx):
+        return [name for name, (module, _, _) in COMMANDS.items() if importlib.util.find_spec(module)]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError:
+            return None
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="attntrace", prog_name="attntrace")
+def cli():
+    """attntrace: trace, explain and debug scaled dot-product attention.
+
+    \b
+    attntrace run                      the built-in example, every step
+    attntrace run spec.yaml            trace your own spec
+    attntrace explain-shapes --seq 10 --d-model 512 --heads 8
+    attntrace run spec.yaml --format json
+
+    Exit codes: 0 ok, 1 a check or expectation failed, 2 bad input, 3 shape error.
+    """
+
+
+def format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich",
+                        show_default=True, help="rich: for people; json: for scripts and graders.")(f)
+
+
+def handles_errors(f):
+    """Turn attntrace errors into rendered diagnoses and exit codes; never a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        fmt = kwargs.get("fmt", "rich")
+        try:
+            return f(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as exc:  # every error ends as a message, not a traceback
+            from attntrace.errors import AttnTraceError
+            if isinstance(exc, AttnTraceError):
+                _report(exc.diagnoses, fmt, exc.exit_code)
+            if os.environ.get("ATTNTRACE_DEBUG"):
+                raise
+            from attntrace.errors import Diagnosis
+            if isinstance(exc, MemoryError):
+                diag = Diagnosis("ATT-E010", "not enough memory for this size; try smaller sizes, "
+                                             "--dtype float32, or fewer kept steps (--steps)")
+                _report([diag], fmt, 2)
+            diag = Diagnosis("ATT-E999", f"internal error: {type(exc).__name__}: {exc}",
+                             hint="this is a bug in attntrace; set ATTNTRACE_DEBUG=1 to see the traceback "
+                                  "and please report it")
+            _report([diag], fmt, 70)
+
+    return wrapper
+
+
+def _report(diagnoses, fmt: str, code: int):
+    from attntrace.render import output
+    output.report_errors(diagnoses, fmt, code)
+    sys.exit(code)
+
+
+def main():
+    cli(prog_name="attntrace")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`attntrace run`: trace every step of attention for a spec."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from attntrace.cli.main import format_option, handles_errors
+
+BUILTIN_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "builtin.yaml"
+
+
+def parse_steps(text, plan):
+    """`--steps qk,pattern,7` -> hook names (aliases, hook names, or step numbers)."""
+    from attntrace.errors import input_error
+    from attntrace.core.hooks import match_hooks
+    hooks = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        if item.isdigit():
+            number = int(item)
+            if not 1 <= number <= len(plan.steps):
+                raise input_error("ATT-E017", f"--steps: there is no step {number}; this plan has "
+                                              f"{len(plan.steps)} steps")
+            hooks.append(plan.steps[number - 1].hook)
+        else:
+            hooks.extend(match_hooks(item, plan.hooks))
+    return hooks
+
+
+@click.command("run")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--steps", metavar="LIST", help="Steps to show: hook names, aliases (Q, scores, weights, "
+              "output ...), patterns (attn.hook_*) or step numbers, comma-separated.")
+@click.option("--head", "heads", type=click.IntRange(min=0), multiple=True, help="Show only this head (repeatable).")
+@click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
+@click.option("--precision", type=click.IntRange(0, 12), default=4, show_default=True, help="Decimals shown.")
+@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@click.option("--heatmap/--values", default=None,
+              help="Score matrices as compact block heatmaps or as numbers (default: heatmaps when "
+                   "more than two heads or batch items are shown).")
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
+@click.option("--strict", is_flag=True, help="Exit 1 when any invariant check warns.")
+@click.option("--check", "check_level", type=click.Choice(["default", "all"]), default="default", show_default=True,
+              help="Invariant checks: default (cheap, every run) or all (also re-runs attention with later "
+                   "tokens / one head's weights perturbed: causality, head independence).")
+@click.option("--inject", metavar="BUG", help="Run with a deliberate bug in place and say what caught it "
+              "(`attntrace bugs` lists them), e.g. --inject forgot-transpose-k.")
+@click.option("--hook", "hook_texts", multiple=True, metavar="HOOK:ACTION[=ARG]",
+              help="A built-in hook action (repeatable): print, save=F.npz, zero, ablate-head=H, patch=F.npy, "
+                   "scale=X, clamp=LO,HI; e.g. attn.hook_pattern:ablate-head=1 (`attntrace hooks` lists them).")
+@click.option("--hook-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Run hooks from a Python file defining HOOKS = [(hook, fn), ...] (this runs its code).")
+@click.option("--export", "exports", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Also write the trace to FILE (repeatable): .svg .html .txt rendered, .json .npz data.")
+@click.option("--step", "step_mode", is_flag=True,
+              help="Pause after each step like a debugger: next, show HOOK, stats, continue, quit.")
+@format_option
+@handles_errors
+def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, check_level, inject, hook_texts,
+        hook_file, exports, step_mode, fmt):
+    """Trace every step of attention for SPEC (a YAML file).
+
+    Without SPEC, runs the built-in example: seed 000's four tokens "猫 抓 了 老鼠".
+    Each step shows its formula, its shape with named axes, min/max/mean and the
+    matrices with token labels; big matrices are elided like numpy's `...`.
+    When the spec has `expect:`, the hand calculation is checked too (exit 1 on a mismatch).
+
+    \b
+    attntrace run spec.yaml --hook attn.hook_pattern:ablate-head=1 --export trace.svg
+    attntrace run spec.yaml --step
+    attntrace run spec.yaml --inject softmax-wrong-axis --check all
+    """
+    import contextlib
+    import sys
+    from attntrace.analysis.actions import command_hooks
+    from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
+    from attntrace.render.export import check_targets, wants_data
+    from attntrace.render.output import make_console, print_json
+    from attntrace.render.trace_view import ViewOptions
+    from attntrace.inputs.spec import load_spec
+    loaded = load_spec(spec if spec is not None else BUILTIN_EXAMPLE)
+    extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
+    targets = check_targets(exports, inputs)
+    if step_mode and fmt == "json":
+        raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
+    console = make_console(width)
+    options = ViewOptions(heads=list(heads) or None, batch=batch, precision=precision, heatmap=heatmap)
+    stepper = None
+    if step_mode:
+        from attntrace.render.stepper import stepper_for
+        stepper = stepper_for(console, options)
+    # print hooks write to stdout; under --format json they go to stderr so stdout stays JSON
+    with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext():
+        from attntrace.render.stepper import StopStepping
+        try:
+            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper,
+                               keep="all" if wants_data(targets) else "auto")
+            verdict = None
+            if inject:                  # the bug's own shape error is part of its verdict, not a crash
+                from attntrace.analysis.bugs import inject as inject_bug
+                verdict = inject_bug(loaded, inject, check=check_level, **run_options)
+                trace = verdict.trace
+            else:
+                from attntrace.analysis.checks import run_checked
+                trace = run_checked(loaded, check=check_level, **run_options)
+        except StopStepping as stop:
+            console.print(f"stopped after step {stop.step.label}")
+            raise SystemExit(EXIT_OK)
+    if verdict is not None and trace is None:
+        from attntrace.errors import EXIT_SHAPE_ERROR
+        from attntrace.render import bugs_view
+        print_json(bugs_view.shape_error_document(verdict, EXIT_SHAPE_ERROR)) if fmt == "json" else \
+            bugs_view.render_shape_error(make_console(width, stderr=True), verdict)
+        raise SystemExit(EXIT_SHAPE_ERROR)
+    report = None
+    if loaded.expect:
+        from attntrace.analysis.expect import check_expectations
+        report = check_expectations(loaded, trace, hooks=extra_hooks)
+    if batch is not None and batch >= trace.plan.size("batch"):
+        raise input_error("ATT-E017", f"--batch {batch}: the spec has batch size {trace.plan.size('batch')}")
+    if heads and max(heads) >= trace.plan.size("n_heads"):
+        raise input_error("ATT-E017", f"--head {max(heads)}: the spec has {trace.plan.size('n_heads')} head(s), "
+                                      f"numbered from 0")
+    exit_code = EXIT_CHECK_FAILED if (strict and trace.warnings) or (report and not report.ok) else EXIT_OK
+    expect_json = {"expect": report.to_json()} if report else {}
+    if verdict is not None:
+        expect_json["injected"] = verdict.to_json()
+    options.steps = parse_steps(steps, trace.plan) if steps else None
+
+    from attntrace.analysis.actions import hook_summary
+    hooks_note = hook_summary(loaded, extra_hooks)
+
+    def render(out, stepped=False):
+        from attntrace.render.trace_view import render_checks, render_trace
+        render_checks(out, trace) if stepped else render_trace(out, trace, options)
+        if hooks_note:
+            out.print(hooks_note, style="yellow", markup=False)
+        if report:
+            from attntrace.render.expect_view import render_expectations
+            render_expectations(out, report)
+        if verdict is not None:
+            from attntrace.render.bugs_view import verdict_panel
+            out.print(verdict_panel(verdict))
+
+    if fmt == "json":
+        from attntrace.render.json_view import trace_to_json
+        print_json(dict(trace_to_json(trace, exit_code), **expect_json))
+    else:
+        render(console, stepped=step_mode)
+    if targets:
+        from attntrace.render.export import export_all
+        written = export_all(targets, trace, render, extra=expect_json, width=width)
+        if fmt != "json":
+            console.print(f"exported: {', '.join(str(p) for p in written)}")
+    raise SystemExit(exit_code)

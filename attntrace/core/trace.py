@@ -1,0 +1,70 @@
+"""The result of a run: arrays per hook, stats, previews and diagnoses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from attntrace.errors import Diagnosis
+from attntrace.core.hooks import resolve_hook_name
+from attntrace.core.stats import Preview, Stats
+
+# Which axes a renderer lays out as matrix rows and columns, and which axis
+# makes one panel per head.  Keys are hook names.
+DISPLAY_AXES: Dict[str, Tuple[int, int, Optional[int]]] = {
+    "hook_embed": (1, 2, None), "hook_pos_embed": (1, 2, None), "hook_encoder_embed": (1, 2, None),
+    "attn.hook_q": (1, 3, 2), "attn.hook_k": (1, 3, 2), "attn.hook_v": (1, 3, 2),
+    "attn.hook_rot_q": (1, 3, 2), "attn.hook_rot_k": (1, 3, 2),
+    "attn.hook_qk": (2, 3, 1), "attn.hook_scaled": (2, 3, 1), "attn.hook_mask": (2, 3, 1),
+    "attn.hook_attn_scores": (2, 3, 1), "attn.hook_pattern": (2, 3, 1),
+    "attn.hook_z": (1, 3, 2), "attn.hook_z_concat": (1, 2, None), "hook_attn_out": (1, 2, None),
+}
+
+
+@dataclass
+class Trace:
+    spec: object
+    plan: object
+    dtype: str
+    arrays: Dict[str, np.ndarray] = field(default_factory=dict)     # kept hooks only
+    stats: Dict[str, Stats] = field(default_factory=dict)           # every hook
+    previews: Dict[str, Preview] = field(default_factory=dict)      # big hooks not kept
+    winners: Optional[Tuple[np.ndarray, np.ndarray]] = None         # pattern: per-row max, argmax
+    row_sums: Optional[np.ndarray] = None                           # pattern: per-row sum of weights
+    diagnoses: List[Diagnosis] = field(default_factory=list)
+    checks_passed: List[str] = field(default_factory=list)        # what the clean checks verified
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        hook = resolve_hook_name(name, available=self.plan.hooks)
+        if hook not in self.arrays:
+            raise KeyError(f"{hook} was not kept in this trace; run with keep='all' or keep={{'{hook}'}}")
+        return self.arrays[hook]
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            return resolve_hook_name(name, available=self.plan.hooks) in self.arrays
+        except Exception:
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.arrays)
+
+    def keys(self) -> List[str]:
+        return list(self.arrays)
+
+    @property
+    def warnings(self) -> List[Diagnosis]:
+        return [d for d in self.diagnoses if d.severity == "warning"]
+
+    def hand_view(self, name: str) -> np.ndarray:
+        """The array as people write it by hand: the batch axis dropped when batch is 1,
+        the head axis dropped when there is one head (e.g. Q as (seq, d_head))."""
+        hook = resolve_hook_name(name, available=self.plan.hooks)
+        array = self[hook]
+        heads_axis = DISPLAY_AXES[hook][2]
+        if heads_axis is not None and array.shape[heads_axis] == 1:
+            array = np.take(array, 0, axis=heads_axis)
+        if array.shape[0] == 1:
+            array = array[0]
+        return array

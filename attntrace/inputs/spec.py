@@ -1,0 +1,529 @@
+"""The spec: the typed, validated form of a YAML attention description.
+
+Loading checks *types and values* (exit 2 on failure).  It deliberately does
+not check that shapes agree: that is the plan's job (:mod:`attntrace.diagnose`),
+which can say which attention step breaks and why (exit 3).
+
+Every array keeps the :class:`~attntrace.errors.Location` it came from.
+"""
+from __future__ import annotations
+
+import difflib
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from attntrace.errors import Location, input_error
+from attntrace.inputs.sources import SOURCE_KINDS, SourceContext, describe_value, load_array, nested_shape
+from attntrace.inputs.yamlload import Document, format_path, load_file
+
+SPEC_VERSION = 1
+
+TOP_KEYS = ("version", "name", "description", "tokens", "embeddings", "encoder", "attention",
+            "positional", "expect", "hooks", "grad")
+ATTENTION_KEYS = ("heads", "kv_heads", "d_head", "W_q", "W_k", "W_v", "W_o",
+                  "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask")
+MASK_KEYS = ("causal", "padding", "window", "prefix", "matrix", "convention")
+POSITIONAL_KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
+LAYOUTS = ("x_at_w", "linear")
+
+
+@dataclass
+class Array:
+    """An array from the spec with the place it was written."""
+
+    name: str
+    data: np.ndarray
+    location: Location
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+
+@dataclass
+class MaskSpec:
+    """Which positions may attend: the AND of every kind given."""
+
+    causal: bool = False
+    padding: Optional[Array] = None      # (seq_k,) or (batch, seq_k); 1 = real token
+    window: Optional[int] = None         # a query sees keys at distance < window (back, and
+                                         # forward too unless causal)
+    prefix: Optional[int] = None         # prefix-LM: the first N keys are visible to everyone
+    matrix: Optional[Array] = None       # explicit (seq_q, seq_k) or (batch, seq_q, seq_k)
+    convention: str = "keep"             # how `matrix` and `padding` are written: keep | ignore | additive
+    location: Optional[Location] = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.causal or self.padding is not None or self.window or self.prefix
+                    or self.matrix is not None)
+
+    def describe(self) -> str:
+        parts = []
+        if self.causal:
+            parts.append("causal")
+        if self.padding is not None:
+            parts.append("padding")
+        if self.window:
+            parts.append(f"window={self.window}")
+        if self.prefix:
+            parts.append(f"prefix={self.prefix}")
+        if self.matrix is not None:
+            parts.append("explicit matrix")
+        return " + ".join(parts) or "none"
+
+
+@dataclass
+class PositionalSpec:
+    kind: str = "none"                   # none | sinusoidal | learned | rope | alibi
+    table: Optional[Array] = None        # learned: (max_len, d_model)
+    base: float = 10000.0                # sinusoidal / rope frequency base
+    pairing: str = "half"                # rope: half (GPT-NeoX/Llama) | interleaved (GPT-J/RoFormer)
+    location: Optional[Location] = None
+
+
+@dataclass
+class AttentionSpec:
+    heads: int
+    W_q: Array
+    W_k: Array
+    W_v: Array
+    W_o: Optional[Array] = None
+    b_q: Optional[Array] = None
+    b_k: Optional[Array] = None
+    b_v: Optional[Array] = None
+    b_o: Optional[Array] = None
+    kv_heads: Optional[int] = None
+    d_head: Optional[int] = None
+    layout: str = "x_at_w"
+    scale: Union[str, float] = "auto"    # "auto" (1/sqrt(d_head)) | "none" | a multiplier
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    locations: Dict[str, Location] = field(default_factory=dict)   # for heads, scale, layout ...
+
+
+@dataclass
+class Sequence_:
+    """A token sequence and its embeddings (the queries' side, or the encoder's)."""
+
+    tokens: List[str]
+    embeddings: Array
+    tokens_location: Location
+
+
+@dataclass
+class Expectation:
+    hook: str                 # resolved hook name (aliases expanded)
+    written_as: str           # what the user wrote (alias or hook)
+    expected: Array
+    select: Dict[str, Any] = field(default_factory=dict)   # partial: batch/head/row/col (see attntrace.expect)
+    tolerance: Optional[Dict[str, float]] = None           # this entry's own atol/rtol/decimals
+    path: List[Any] = field(default_factory=list)          # YAML path of the written values
+
+
+GRAD_LOSSES = ("sum", "mean", "sum_squares")
+
+
+@dataclass
+class GradSpec:
+    """`grad:` -- the loss `attntrace grad` differentiates (see attntrace.backward)."""
+
+    loss: str = "sum"                  # sum | mean | sum_squares (½·Σ out²) | upstream
+    upstream: Optional[Array] = None   # dL/dout by hand: (seq_q, d_out) or (batch, seq_q, d_out)
+    location: Optional[Location] = None
+
+
+@dataclass
+class Spec:
+    name: str
+    source: Sequence_
+    attention: AttentionSpec
+    encoder: Optional[Sequence_] = None   # cross-attention: keys/values come from here
+    positional: PositionalSpec = field(default_factory=PositionalSpec)
+    expect: List[Expectation] = field(default_factory=list)
+    tolerance: Dict[str, float] = field(default_factory=lambda: {"atol": 1e-6, "rtol": 0.0})
+    hooks: List[Any] = field(default_factory=list)
+    grad: Optional[GradSpec] = None
+    description: str = ""
+    file: Optional[str] = None
+    document: Optional[Document] = None
+
+    # conveniences -------------------------------------------------------
+    @property
+    def tokens(self) -> List[str]:
+        return self.source.tokens
+
+    @property
+    def key_tokens(self) -> List[str]:
+        return (self.encoder or self.source).tokens
+
+    @property
+    def is_cross(self) -> bool:
+        return self.encoder is not None
+
+    def locate(self, path: Sequence) -> Location:
+        if self.document is not None:
+            return self.document.locate(path)
+        return Location(self.file, None, None, format_path(path))
+
+
+# =========================================================================== loading
+
+def load_spec(source: Union[str, Path, Dict[str, Any], Spec]) -> Spec:
+    """Load a spec from a YAML file path or a dict (arrays may be numpy arrays)."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return _Reader(Document(source, None, None), Path.cwd()).spec()
+    path = Path(source)
+    document = load_file(path)
+    return _Reader(document, path.resolve().parent).spec()
+
+
+def load_spec_text(text: str, base_dir: Union[str, Path, None] = None, file: Optional[str] = None) -> Spec:
+    """Load a spec from YAML text (notebooks, tests)."""
+    from attntrace.inputs.yamlload import load_text
+    document = load_text(text, file)
+    return _Reader(document, Path(base_dir) if base_dir else Path.cwd()).spec()
+
+
+class _Reader:
+    """Walks the plain data of a document and builds a Spec, locating every error."""
+
+    def __init__(self, document: Document, base_dir: Path):
+        self.doc = document
+        self.ctx = SourceContext(base_dir, self.locate)
+
+    def locate(self, path: Sequence) -> Location:
+        return self.doc.locate(path)
+
+    # -- generic helpers -------------------------------------------------
+    def mapping(self, value: Any, path: List, what: str) -> Dict[str, Any]:
+        if not isinstance(value, dict):
+            raise input_error("ATT-E003", f"{what} must be a mapping (key: value lines), "
+                                          f"got {describe_value(value)}", self.locate(path))
+        return value
+
+    def check_keys(self, mapping: Dict, allowed: Sequence[str], path: List, what: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"{what} takes: {', '.join(allowed)}"
+                raise input_error("ATT-E002", f"unknown key '{key}' in {what}", self.locate(path + [key]),
+                                  hint=hint)
+
+    def require(self, mapping: Dict, key: str, path: List, what: str, example: str) -> Any:
+        if key not in mapping or mapping[key] is None:
+            raise input_error("ATT-E002", f"{what} needs `{key}:`", self.locate(path),
+                              hint=f"for example `{key}: {example}`")
+        return mapping[key]
+
+    def whole(self, value: Any, path: List, what: str, minimum: int = 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise input_error("ATT-E003", f"{what} must be a whole number ≥ {minimum}, got {describe_value(value)}",
+                              self.locate(path))
+        return value
+
+    def array(self, value: Any, path: List, name: str, allow_bool: bool = False) -> Array:
+        data = load_array(value, self.ctx, path, allow_bool=allow_bool, what=name)
+        return Array(name, data, self.locate(path))
+
+    def optional_array(self, mapping: Dict, key: str, path: List) -> Optional[Array]:
+        value = mapping.get(key)
+        return None if value is None else self.array(value, path + [key], key)
+
+    # -- sections --------------------------------------------------------
+    def spec(self) -> Spec:
+        top = self.mapping(self.doc.data, [], "the spec")
+        self.check_keys(top, TOP_KEYS, [], "the spec")
+        version = top.get("version", SPEC_VERSION)
+        if isinstance(version, bool) or not isinstance(version, (int, float)) or version != int(version):
+            raise input_error("ATT-E003", f"version must be a whole number, got {describe_value(version)}",
+                              self.locate(["version"]))
+        if version > SPEC_VERSION:
+            raise input_error("ATT-E009", f"this spec is format version {version}; this attntrace "
+                                          f"reads version {SPEC_VERSION}", self.locate(["version"]),
+                              hint="upgrade attntrace (pip install -U attntrace) or write `version: 1`")
+        if version < 1:
+            raise input_error("ATT-E009", f"spec version {version} does not exist; write `version: 1`",
+                              self.locate(["version"]))
+        source = self.sequence(top, [], "the spec")
+        encoder = None
+        if top.get("encoder") is not None:
+            enc = self.mapping(top["encoder"], ["encoder"], "encoder")
+            self.check_keys(enc, ("tokens", "embeddings"), ["encoder"], "encoder")
+            encoder = self.sequence(enc, ["encoder"], "encoder")
+        attention = self.attention(self.require(top, "attention", [], "the spec",
+                                                "{heads: 1, W_q: [[...]], W_k: [[...]], W_v: [[...]]}"))
+        positional = self.positional(top.get("positional"))
+        name = top.get("name") or (Path(self.doc.file).stem if self.doc.file else "spec")
+        spec = Spec(name=str(name), description=str(top.get("description") or ""), source=source,
+                    encoder=encoder, attention=attention, positional=positional,
+                    hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc)
+        if top.get("expect") is not None:
+            spec.expect, spec.tolerance = self.expectations(top["expect"])
+        if top.get("grad") is not None:
+            spec.grad = self.grad(top["grad"])
+        return spec
+
+    def grad(self, value: Any) -> GradSpec:
+        """`grad: {loss: sum}` or `grad: {upstream: [[...]]}` (dL/dout given by hand)."""
+        path = ["grad"]
+        block = self.mapping(value, path, "grad")
+        self.check_keys(block, ("loss", "upstream"), path, "grad")
+        upstream = self.optional_array(block, "upstream", path)
+        loss = block.get("loss", "upstream" if upstream is not None else "sum")
+        if upstream is not None and loss != "upstream":
+            raise input_error("ATT-E003", "grad takes either `loss:` or `upstream:` (the upstream gradient "
+                                          "defines the loss L = Σ upstream ⊙ out)", self.locate(path + ["loss"]))
+        if upstream is None and loss not in GRAD_LOSSES:
+            close = difflib.get_close_matches(str(loss), GRAD_LOSSES, n=1)
+            raise input_error("ATT-E003", f"grad.loss must be one of {', '.join(GRAD_LOSSES)}, got "
+                                          f"{describe_value(loss)}", self.locate(path + ["loss"]),
+                              hint=f"did you mean '{close[0]}'?" if close else
+                              "or give dL/dout by hand: grad: {upstream: [[1, 0], [0, 1]]}")
+        return GradSpec(loss=loss, upstream=upstream, location=self.locate(path))
+
+    def sequence(self, mapping: Dict, path: List, what: str) -> Sequence_:
+        raw_tokens = mapping.get("tokens")
+        tokens = self.tokens(raw_tokens, path + ["tokens"]) if raw_tokens is not None else None
+        raw = self.require(mapping, "embeddings", path, what, "[[0, 1, 2, 3], [4, 5, 6, 7]]")
+        if isinstance(raw, dict) and raw and not any(k in SOURCE_KINDS for k in raw) and (
+                tokens is None or any(t in raw for t in tokens)):
+            embeddings = self.vocabulary(raw, tokens, path)
+        else:
+            embeddings = self.array(raw, path + ["embeddings"], "embeddings")
+        if tokens is None:
+            seq = embeddings.shape[-2] if embeddings.data.ndim >= 2 else 1
+            tokens = [str(i) for i in range(seq)]
+        return Sequence_(tokens, embeddings, self.locate(path + ["tokens"]))
+
+    def tokens(self, value: Any, path: List) -> List[str]:
+        if isinstance(value, str):
+            tokens = value.split()
+        elif isinstance(value, list):
+            tokens = []
+            for i, item in enumerate(value):
+                if isinstance(item, (dict, list)) or item is None:
+                    raise input_error("ATT-E003", f"token {i} must be a word, got {describe_value(item)}",
+                                      self.locate(path + [i]))
+                # keep the text as written: YAML reads `no` as False and `1.0` as a number
+                tokens.append(self.doc.scalar_text(path + [i]) or str(item))
+        else:
+            raise input_error("ATT-E003", f"tokens must be a list or a string, got {describe_value(value)}",
+                              self.locate(path), hint='e.g. tokens: [A, B, C] or tokens: "A B C"')
+        if not tokens:
+            raise input_error("ATT-E010", "tokens is empty", self.locate(path))
+        return tokens
+
+    def vocabulary(self, table: Dict, tokens: Optional[List[str]], path: List) -> Array:
+        """`embeddings: {king: [...], queen: [...]}`: rows looked up by token."""
+        if tokens is None:
+            tokens = [str(k) for k in table]
+        vectors = {str(k): self.array(v, path + ["embeddings", k], f"embedding of {k}").data
+                   for k, v in table.items()}
+        rows = []
+        for i, token in enumerate(tokens):
+            if token not in vectors:
+                close = difflib.get_close_matches(token, list(vectors), n=1)
+                raise input_error("ATT-E002", f"token '{token}' has no row in the embeddings table",
+                                  self.locate(path + ["tokens", i]),
+                                  hint=f"did you mean '{close[0]}'?" if close else None)
+            rows.append(vectors[token])
+        widths = {r.shape for r in rows}
+        if len(widths) > 1 or next(iter(widths)) != rows[0].shape or rows[0].ndim != 1:
+            raise input_error("ATT-E004", "every row of the embeddings table must be a flat list of "
+                                          "the same length", self.locate(path + ["embeddings"]))
+        return Array("embeddings", np.stack(rows), self.locate(path + ["embeddings"]))
+
+    def attention(self, value: Any) -> AttentionSpec:
+        path = ["attention"]
+        block = self.mapping(value, path, "attention")
+        self.check_keys(block, ATTENTION_KEYS, path, "attention")
+        heads = self.whole(block.get("heads", 1), path + ["heads"], "attention.heads")
+        kv_heads = block.get("kv_heads")
+        if kv_heads is not None:
+            kv_heads = self.whole(kv_heads, path + ["kv_heads"], "attention.kv_heads")
+        d_head = block.get("d_head")
+        if d_head is not None:
+            d_head = self.whole(d_head, path + ["d_head"], "attention.d_head")
+        layout = block.get("layout", "x_at_w")
+        if layout not in LAYOUTS:
+            raise input_error("ATT-E003", f"attention.layout must be x_at_w or linear, got {describe_value(layout)}",
+                              self.locate(path + ["layout"]),
+                              hint="x_at_w: Q = X @ W_q with W_q (d_model, d_out); "
+                                   "linear: nn.Linear weights (d_out, d_model), Q = X @ W_q.T")
+        weights = {key: self.array(self.require(block, key, path, "attention", "[[1, 0], [0, 1]]"),
+                                   path + [key], key) for key in ("W_q", "W_k", "W_v")}
+        optional = {key: self.optional_array(block, key, path) for key in ("W_o", "b_q", "b_k", "b_v", "b_o")}
+        locations = {key: self.locate(path + [key]) for key in block}
+        locations.setdefault("attention", self.locate(path))
+        return AttentionSpec(heads=heads, kv_heads=kv_heads, d_head=d_head, layout=layout,
+                             scale=self.scale(block.get("scale", "auto"), path + ["scale"]),
+                             mask=self.mask(block.get("mask"), path + ["mask"]),
+                             locations=locations, **weights, **optional)
+
+    def scale(self, value: Any, path: List) -> Union[str, float]:
+        if value is None or value == "none":
+            return "none"
+        if value == "auto":
+            return "auto"
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0:
+            return float(value)
+        raise input_error("ATT-E003", f"attention.scale must be auto, none or a positive number, "
+                                      f"got {describe_value(value)}", self.locate(path),
+                          hint="the number multiplies Q·Kᵀ (as PyTorch's scale=): "
+                               "write 0.7071 for 1/√2")
+
+    def mask(self, value: Any, path: List) -> MaskSpec:
+        if isinstance(value, np.ndarray):          # Python API: compare with strings only after this
+            return MaskSpec(matrix=self.array(value, path, "mask", allow_bool=True), location=self.locate(path))
+        if value is None or value == "none":
+            return MaskSpec(location=self.locate(path))
+        if value == "causal":
+            return MaskSpec(causal=True, location=self.locate(path))
+        if isinstance(value, list):
+            return MaskSpec(matrix=self.mask_array(value, path, "mask", "keep"), location=self.locate(path))
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, ["none", "causal"], n=1)
+            raise input_error("ATT-E003", f"unknown mask '{value}'", self.locate(path),
+                              hint=f"did you mean '{close[0]}'?" if close else
+                              "mask is none, causal, a matrix, or a mapping of causal/padding/window/prefix")
+        block = self.mapping(value, path, "mask")
+        self.check_keys(block, MASK_KEYS, path, "mask")
+        mask = MaskSpec(location=self.locate(path))
+        causal = block.get("causal", False)
+        if not isinstance(causal, bool):
+            raise input_error("ATT-E003", f"mask.causal must be true or false, got {describe_value(causal)}",
+                              self.locate(path + ["causal"]))
+        mask.causal = causal
+        for key in ("window", "prefix"):
+            if block.get(key) is not None:
+                setattr(mask, key, self.whole(block[key], path + [key], f"mask.{key}"))
+        convention = block.get("convention", "keep")
+        if convention not in ("keep", "ignore", "additive"):
+            raise input_error("ATT-E003", f"mask.convention must be keep, ignore or additive, "
+                                          f"got {describe_value(convention)}", self.locate(path + ["convention"]),
+                              hint="keep: 1/True = may attend (PyTorch SDPA); ignore: 1/True = blocked "
+                                   "(nn.MultiheadAttention); additive: 0 / -inf added to scores")
+        mask.convention = convention
+        for key in ("padding", "matrix"):
+            if block.get(key) is not None:
+                setattr(mask, key, self.mask_array(block[key], path + [key], f"mask.{key}", convention))
+        return mask
+
+    def mask_array(self, value: Any, path: List, name: str, convention: str) -> Array:
+        """A padding row or mask matrix written in `convention`: keep/ignore hold 0/1 (or
+        true/false), additive holds 0 and a large negative or -inf.  Mixing them up is the
+        commonest mask bug, so the message names the convention the values look like."""
+        if convention == "additive":
+            array = self._additive(value, path, name)
+            soft = ~((array.data == 0) | (array.data <= -1e4))
+            if soft.any():
+                raise input_error("ATT-E040", f"{name} (convention: additive) holds 0 (may attend) and -inf "
+                                              f"or a large negative such as -1e9 (blocked); found "
+                                              f"{array.data[soft][0]:g}", self.locate(path),
+                                  hint="soft biases are not masks; for 1/0 masks write convention: keep")
+            return array
+        if _holds_negative_infinity(value):
+            raise input_error("ATT-E040", f"{name} holds -inf: that is an additive mask (0 / -inf), "
+                                          f"but the convention is {convention}", self.locate(path),
+                              hint="write the mask as a mapping: {matrix: [[0, -.inf], ...], convention: additive}")
+        array = self.array(value, path, name, allow_bool=True)
+        bad = ~np.isin(array.data.astype(np.float64), (0.0, 1.0))
+        if bad.any():
+            meaning = "1 = may attend, 0 = blocked" if convention == "keep" else "1 = blocked, 0 = may attend"
+            raise input_error("ATT-E040", f"{name} (convention: {convention}, {meaning}) holds only 0 and 1; "
+                                          f"found {array.data[bad][0]:g}", self.locate(path),
+                              hint="0 / -1e9 masks are additive: write convention: additive"
+                              if array.data[bad].max() <= -1e4 else None)
+        return array
+
+    def _additive(self, value: Any, path: List, name: str = "mask.matrix") -> Array:
+        """An additive mask may hold -inf: read it without the finiteness check."""
+        if isinstance(value, list):
+            nested_shape(value, self.ctx, list(path), False)
+            data = np.array(value, dtype=np.float64)
+        elif isinstance(value, np.ndarray):
+            data = np.asarray(value, dtype=np.float64)
+        else:
+            raise input_error("ATT-E003", "an additive mask matrix is written inline or given as an array",
+                              self.locate(path))
+        if np.isnan(data).any() or np.isposinf(data).any():
+            raise input_error("ATT-E006", "an additive mask holds 0 (keep) and a large negative "
+                                          "number or -inf (block); found NaN or +inf", self.locate(path))
+        return Array(name, data, self.locate(path))
+
+    def positional(self, value: Any) -> PositionalSpec:
+        path = ["positional"]
+        if value is None or value == "none":
+            return PositionalSpec(location=self.locate(path))
+        if isinstance(value, str):
+            if value in ("sinusoidal", "rope", "alibi"):
+                return PositionalSpec(kind=value, location=self.locate(path))
+            if value == "learned":
+                raise input_error("ATT-E002", "a learned positional encoding needs its table",
+                                  self.locate(path), hint="positional: {kind: learned, table: {npy: pos.npy}} "
+                                                          "with the table (max_len, d_model)")
+            close = difflib.get_close_matches(value, POSITIONAL_KINDS, n=1)
+            raise input_error("ATT-E003", f"unknown positional encoding '{value}'", self.locate(path),
+                              hint=f"did you mean '{close[0]}'?" if close else
+                              f"positional is one of {', '.join(POSITIONAL_KINDS)}")
+        block = self.mapping(value, path, "positional")
+        self.check_keys(block, ("kind", "table", "base", "pairing"), path, "positional")
+        kind = block.get("kind")
+        if kind not in POSITIONAL_KINDS:
+            raise input_error("ATT-E003", f"positional.kind must be one of {', '.join(POSITIONAL_KINDS)}, "
+                                          f"got {describe_value(kind)}", self.locate(path + ["kind"]))
+        spec = PositionalSpec(kind=kind, location=self.locate(path))
+        if kind == "learned":
+            spec.table = self.array(self.require(block, "table", path, "a learned positional encoding",
+                                                 "{npy: pos.npy}"), path + ["table"], "positional.table")
+        if "base" in block:
+            base = block["base"]
+            if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 1:
+                raise input_error("ATT-E003", f"positional.base must be a number > 1, got {describe_value(base)}",
+                                  self.locate(path + ["base"]))
+            spec.base = float(base)
+        if "pairing" in block:
+            if block["pairing"] not in ("half", "interleaved"):
+                raise input_error("ATT-E003", "positional.pairing must be half (GPT-NeoX, Llama) or "
+                                              "interleaved (GPT-J, RoFormer)", self.locate(path + ["pairing"]))
+            spec.pairing = block["pairing"]
+        return spec
+
+    def expectations(self, value: Any):
+        from attntrace.core.hooks import resolve_hook_name   # the hook table is the one source of names
+        path = ["expect"]
+        block = self.mapping(value, path, "expect")
+        tolerance = {"atol": 1e-6, "rtol": 0.0}
+        expectations = []
+        for key, expected in block.items():
+            if key in ("tolerance", "atol", "rtol", "decimals"):
+                tolerance.update(self.tolerance(key, expected, path + [key]))
+                continue
+            hook = resolve_hook_name(str(key), self.locate(path + [key]))
+            from attntrace.analysis.expect import read_expectations   # full arrays, rows, cells, heads
+            expectations.extend(read_expectations(self, hook, str(key), expected, path + [key]))
+        return expectations, tolerance
+
+    def tolerance(self, key: str, value: Any, path: List) -> Dict[str, float]:
+        if key == "decimals":
+            places = self.whole(value, path, "expect.decimals", minimum=0)
+            return {"atol": 0.5 * 10.0 ** (-places), "decimals": places}
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+            raise input_error("ATT-E003", f"expect.{key} must be a number ≥ 0, got {describe_value(value)}",
+                              self.locate(path))
+        return {"rtol" if key == "rtol" else "atol": float(value)}
+
+
+def _holds_negative_infinity(value: Any) -> bool:
+    """True when a nested list (or array) written in the spec holds -inf anywhere."""
+    if isinstance(value, np.ndarray):
+        return value.dtype != bool and bool(np.isneginf(value).any())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_negative_infinity(item) for item in value)
+    return isinstance(value, float) and value == float("-inf")
