@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from attntrace.codes import CODES
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -79,6 +81,15 @@ class Diagnosis:
     details: List[str] = field(default_factory=list)    # extra lines: arithmetic, alignment
     hint: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if self.code not in CODES:      # a code nobody registered is a bug in attntrace, not bad input
+            raise ValueError(f"diagnosis code {self.code} is not registered in attntrace.codes")
+
+    def text(self) -> str:
+        """One plain line: code, message, and the hint after a semicolon."""
+        where = f" [{self.locations[0]}]" if self.locations else ""
+        return f"{self.code} {self.message}{where}" + (f"; {self.hint}" if self.hint else "")
+
     def to_json(self) -> Dict[str, Any]:
         return {
             "code": self.code,
@@ -104,7 +115,8 @@ class AttnTraceError(Exception):
 
     def __init__(self, diagnoses: "Diagnosis | List[Diagnosis]"):
         self.diagnoses = diagnoses if isinstance(diagnoses, list) else [diagnoses]
-        super().__init__(self.diagnoses[0].message)
+        # str(exc) is what a notebook shows: the code, where, and the hint ("did you mean ...")
+        super().__init__(self.diagnoses[0].text())
 
     @property
     def diagnosis(self) -> Diagnosis:

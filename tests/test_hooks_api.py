@@ -143,7 +143,7 @@ def test_on_step_sees_every_step_in_order():
 # --------------------------------------------------------------------------- attntrace hooks
 
 def test_hooks_command_lists_every_point(invoke):
-    from attntrace.core.hooks import HOOK_POINTS
+    from attntrace.hookpoints import HOOK_POINTS
     code, out = invoke("hooks", "--width", "200")
     assert code == 0
     for point in HOOK_POINTS:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from attntrace.errors import InputError, Location, input_error
-from attntrace.core.hooks import HOOKS_BY_NAME, HookFn, HookPoint, match_hooks
+from attntrace.core.hooks import HookFn
+from attntrace.hookpoints import HOOKS_BY_NAME, HookPoint, match_hooks
 
 HOOK_SYNTAX = "HOOK:ACTION[=ARG], e.g. attn.hook_pattern:ablate-head=1"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-from attntrace.core.hooks import HOOKS_BY_NAME
+from attntrace.hookpoints import HOOKS_BY_NAME
 
 FEATURE_PREFIX = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "n_heads·d_v": "c"}
 

@@ -31,13 +31,13 @@ class CheckContext:
         """The preview corner of a step's result, as it was when the step finished."""
         from attntrace.core.engine import PREVIEW_EDGE
         from attntrace.core.stats import preview
-        from attntrace.core.trace import DISPLAY_AXES
+        from attntrace.hookpoints import point_of
         hook = self.plan.step(key).hook
         if array is None:
             if hook in self.trace.previews:
                 return self.trace.previews[hook].values
             array = self.trace.arrays[hook]
-        rows, cols, _ = DISPLAY_AXES[hook]
+        rows, cols, _ = point_of(hook).display
         return preview(array, rows, cols, PREVIEW_EDGE).values
 
     def warn(self, code: str, key: str, message: str, **extra) -> Diagnosis:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from attntrace.errors import Diagnosis, InputError
-from attntrace.core.hooks import HOOKS_BY_NAME
+from attntrace.hookpoints import HOOKS_BY_NAME
 from attntrace.core.plan import Plan, Step, plan_from_sizes
 
 ITEMSIZE = {"float64": 8, "float32": 4}

@@ -18,7 +18,7 @@ import numpy as np
 
 from attntrace.analysis.cells import cell_label
 from attntrace.errors import input_error
-from attntrace.core.hooks import HOOKS_BY_NAME
+from attntrace.hookpoints import HOOKS_BY_NAME
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 SAVED_SUFFIXES = (".npz", ".json")

@@ -32,7 +32,7 @@ import numpy as np
 from attntrace.analysis.cells import axis_label, cell_label
 from attntrace.errors import Diagnosis, Location, ShapeError, input_error
 from attntrace.inputs.spec import Array, Expectation
-from attntrace.core.trace import DISPLAY_AXES
+from attntrace.hookpoints import point_of
 
 SELECT_KEYS = ("batch", "head", "row", "col", "cell")
 VALUE_KEYS = ("values", "value")
@@ -294,7 +294,7 @@ def compare(expectation: Expectation, trace, spec_tolerance: Dict[str, float]) -
 
 
 def _region(expectation: Expectation, step, shape: Sequence[int], spec) -> Tuple:
-    row_axis, col_axis, head_axis = DISPLAY_AXES[step.hook]
+    row_axis, col_axis, head_axis = point_of(step.hook).display
     region: List[Any] = [slice(None)] * len(shape)
     for i, axis in enumerate(step.axes):
         if axis == "1":

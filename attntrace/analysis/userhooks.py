@@ -25,7 +25,8 @@ from typing import List, Tuple
 
 from attntrace.analysis.actions import prefixed
 from attntrace.errors import InputError, input_error
-from attntrace.core.hooks import HOOKS_BY_NAME, HookFn, match_hooks
+from attntrace.core.hooks import HookFn
+from attntrace.hookpoints import HOOKS_BY_NAME, match_hooks
 
 EXAMPLE = 'HOOKS = [("attn.hook_pattern", my_fn)]   # my_fn(array, *, hook) -> array | None'
 

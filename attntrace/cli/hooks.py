@@ -26,7 +26,7 @@ def hooks(spec, width, fmt):
     attntrace run spec.yaml --hook attn.hook_pattern:ablate-head=1
     """
     from attntrace.analysis.actions import ACTIONS, ALIASES as ACTION_ALIASES
-    from attntrace.core.hooks import ALIASES, HOOK_POINTS
+    from attntrace.hookpoints import ALIASES, HOOK_POINTS
     from attntrace.render.output import make_console, print_json
     plan = None
     if spec is not None:

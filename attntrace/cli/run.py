@@ -13,7 +13,7 @@ BUILTIN_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "builtin
 def parse_steps(text, plan):
     """`--steps qk,pattern,7` -> hook names (aliases, hook names, or step numbers)."""
     from attntrace.errors import input_error
-    from attntrace.core.hooks import match_hooks
+    from attntrace.hookpoints import match_hooks
     hooks = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if item.isdigit():

@@ -25,7 +25,8 @@ import numpy as np
 
 from attntrace.core import positional
 from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
-from attntrace.core.hooks import HookFn, HookSet, resolve_hook_name
+from attntrace.core.hooks import HookFn, HookSet
+from attntrace.hookpoints import resolve_hook_name
 from attntrace.core.stats import Stats, array_stats
 
 GRAD_SUFFIX = "_grad"
@@ -343,7 +344,7 @@ def backward(trace, *, loss: Optional[str] = None, hooks: Sequence[Tuple[str, Ho
 
     def emit(of: str, array: np.ndarray) -> np.ndarray:
         point = by_of[of]
-        array = hookset.fire(point, array)
+        array = hookset.fire(point.name, array, point)
         grads[point.name] = array
         return array
 

@@ -21,7 +21,8 @@ from attntrace.core.hooks import HookFn, HookSet
 from attntrace.core.plan import Plan, plan_from_spec
 from attntrace.inputs.spec import Spec, load_spec
 from attntrace.core.stats import array_stats, preview, row_winners, scaled_stats
-from attntrace.core.trace import DISPLAY_AXES, Trace
+from attntrace.core.trace import Trace
+from attntrace.hookpoints import point_of
 
 AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
 PREVIEW_EDGE = 4                 # rows/columns kept at each end of a big array
@@ -233,7 +234,7 @@ def _keep_set(keep: Keep, plan: Plan) -> Optional[Set[str]]:
         return None
     if keep == "all":
         return set(plan.hooks)
-    from attntrace.core.hooks import match_hooks
+    from attntrace.hookpoints import match_hooks
     names: Set[str] = set()
     for pattern in ([keep] if isinstance(keep, str) else keep):
         names.update(match_hooks(pattern, plan.hooks))
@@ -269,7 +270,7 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     functions = dict(STEP_FUNCTIONS, **(overrides or {}))
     for step in plan.steps:
         array = functions[step.key](state)
-        array = hookset.fire(step.point, array)
+        array = hookset.fire(step.hook, array)
         state.values[step.key] = array
         keep_it = step.hook in hookset.hooked or (
             array.size <= AUTO_KEEP_ELEMENTS if wanted is None else step.hook in wanted)
@@ -277,7 +278,7 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
             state.protected.add(step.key)
             trace.arrays[step.hook] = array
         else:
-            rows, cols, _ = DISPLAY_AXES[step.hook]
+            rows, cols, _ = point_of(step.hook).display
             trace.previews[step.hook] = preview(array, rows, cols, PREVIEW_EDGE)
         trace.stats[step.hook] = _step_stats(step, array, state, trace,
                                              standard=step.key not in (overrides or {}) and

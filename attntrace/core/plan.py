@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from attntrace.errors import Location
-from attntrace.core.hooks import HOOKS_BY_NAME, HookPoint
+from attntrace.hookpoints import HOOKS_BY_NAME, HookPoint
 
 
 @dataclass

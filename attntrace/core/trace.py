@@ -7,20 +7,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from attntrace.errors import Diagnosis
-from attntrace.core.hooks import resolve_hook_name
+from attntrace.hookpoints import point_of, resolve_hook_name
 from attntrace.core.stats import Preview, Stats
-
-# Which axes a renderer lays out as matrix rows and columns, and which axis
-# makes one panel per head.  Keys are hook names.
-DISPLAY_AXES: Dict[str, Tuple[int, int, Optional[int]]] = {
-    "hook_embed": (1, 2, None), "hook_pos_embed": (1, 2, None), "hook_encoder_embed": (1, 2, None),
-    "attn.hook_q": (1, 3, 2), "attn.hook_k": (1, 3, 2), "attn.hook_v": (1, 3, 2),
-    "attn.hook_rot_q": (1, 3, 2), "attn.hook_rot_k": (1, 3, 2),
-    "attn.hook_qk": (2, 3, 1), "attn.hook_scaled": (2, 3, 1), "attn.hook_mask": (2, 3, 1),
-    "attn.hook_attn_scores": (2, 3, 1), "attn.hook_pattern": (2, 3, 1),
-    "attn.hook_z": (1, 3, 2), "attn.hook_z_concat": (1, 2, None), "hook_attn_out": (1, 2, None),
-}
-
 
 @dataclass
 class Trace:
@@ -62,7 +50,7 @@ class Trace:
         the head axis dropped when there is one head (e.g. Q as (seq, d_head))."""
         hook = resolve_hook_name(name, available=self.plan.hooks)
         array = self[hook]
-        heads_axis = DISPLAY_AXES[hook][2]
+        heads_axis = point_of(hook).panels
         if heads_axis is not None and array.shape[heads_axis] == 1:
             array = np.take(array, 0, axis=heads_axis)
         if array.shape[0] == 1:

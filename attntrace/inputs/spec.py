@@ -496,7 +496,7 @@ class _Reader:
         return spec
 
     def expectations(self, value: Any):
-        from attntrace.core.hooks import resolve_hook_name   # the hook table is the one source of names
+        from attntrace.hookpoints import resolve_hook_name   # the hook table is the one source of names
         path = ["expect"]
         block = self.mapping(value, path, "expect")
         tolerance = {"atol": 1e-6, "rtol": 0.0}

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 from attntrace.core.engine import PREVIEW_EDGE
 from attntrace.core.stats import preview
-from attntrace.core.trace import DISPLAY_AXES
+from attntrace.hookpoints import point_of
 
 VALUES_LIMIT = 4096      # hooks with at most this many values carry them in full
 
@@ -23,7 +23,7 @@ def trace_to_json(trace, exit_code: int = 0, values_limit: int = VALUES_LIMIT) -
         if array is not None and array.size <= values_limit:
             entry["values"] = array
         else:
-            rows, cols, _ = DISPLAY_AXES[step.hook]
+            rows, cols, _ = point_of(step.hook).display
             corner = trace.previews.get(step.hook) or preview(array, rows, cols, PREVIEW_EDGE)
             entry["preview"] = {"row_axis": rows, "col_axis": cols, "rows": corner.rows,
                                 "cols": corner.cols, "values": corner.values}

@@ -132,7 +132,7 @@ class Stepper:
 
     def _show(self, name: str, current, trace) -> None:
         from attntrace.errors import AttnTraceError
-        from attntrace.core.hooks import resolve_hook_name
+        from attntrace.hookpoints import resolve_hook_name
         plan = trace.plan
         if not name:
             self.console.print(Text("show what? e.g. show Q, show weights, show 5", style="yellow"))

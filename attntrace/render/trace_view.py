@@ -11,7 +11,7 @@ from rich.rule import Rule
 from rich.text import Text
 
 from attntrace.core.stats import edge_indices
-from attntrace.core.trace import DISPLAY_AXES
+from attntrace.hookpoints import point_of
 from attntrace.render.diagnosis import diagnosis_panel
 from attntrace.render.matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
 
@@ -68,7 +68,7 @@ def _matrices(trace, hook: str, options: ViewOptions):
     """Yield (title, MatrixView) for every batch item and head shown."""
     plan = trace.plan
     step = plan.step_for_hook(hook)
-    row_axis, col_axis, head_axis = DISPLAY_AXES[hook]
+    row_axis, col_axis, head_axis = point_of(hook).display
     full = trace.arrays.get(hook)
     if full is not None:
         n_rows, n_cols = full.shape[row_axis], full.shape[col_axis]

@@ -1,0 +1,109 @@
+"""The registry of diagnosis codes: each code has one meaning, one severity and one exit code.
+
+Every :class:`~attntrace.errors.Diagnosis` checks its code against this table,
+and a test checks that every code the sources raise is here and in the README's
+table of codes.  Ranges: E0xx input, E1xx shape, E3xx model checkpoints, E4xx
+memory and long context, W2xx invariants and layout hints, W3xx model notes.
+
+Exit codes: 0 ok · 1 a check or expectation failed · 2 bad input · 3 diagnosed shape error.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple
+
+
+class Code(NamedTuple):
+    meaning: str
+    exit_code: int          # what the CLI exits with when this code stops a command (warnings: under --strict)
+
+
+def _input(meaning: str) -> Code:
+    return Code(meaning, 2)
+
+
+def _shape(meaning: str) -> Code:
+    return Code(meaning, 3)
+
+
+def _failed(meaning: str) -> Code:
+    return Code(meaning, 1)
+
+
+CODES: Dict[str, Code] = {
+    # ---- input: the spec, its files and the command line (exit 2)
+    "ATT-E001": _input("the YAML cannot be parsed"),
+    "ATT-E002": _input("a key is missing, unknown, or names nothing (a token without an embedding row)"),
+    "ATT-E003": _input("a value has the wrong type or is out of its range"),
+    "ATT-E004": _input("a nested list is ragged (rows of different lengths)"),
+    "ATT-E005": _input("a non-number where a number is needed"),
+    "ATT-E006": _input("NaN or infinity in an input array"),
+    "ATT-E007": _input("a file is missing or cannot be read, or holds no array of that name"),
+    "ATT-E008": _input("the spec is empty"),
+    "ATT-E009": _input("the spec's format version is not one this attntrace reads"),
+    "ATT-E010": _input("an array or token list is empty, or a size is impossibly large"),
+    "ATT-E011": _input("unsafe content refused: YAML tags that build objects, pickled .npy files"),
+    "ATT-E012": _input("a key appears twice in one mapping"),
+    "ATT-E013": _input("an array file is not a valid .npy, .npz or .safetensors file"),
+    "ATT-E014": _input("an optional package this feature needs is not installed"),
+    "ATT-E015": _input("no hook point or gradient of that name (or pattern) in this run"),
+    "ATT-E016": _input("a hook returned an array of another shape or dtype"),
+    "ATT-E017": _input("a command-line selection (--head, --batch, --steps, --layers) is out of range"),
+    "ATT-E018": _input("the YAML is too deep or expands too far (alias bombs)"),
+    "ATT-E019": _input("a number is too large to represent"),
+    "ATT-E020": _input("not enough memory for this run"),
+    "ATT-E021": _input("a tolerance is not a finite number ≥ 0"),
+    "ATT-E030": _input("explain-shapes: a size flag is not a positive whole number"),
+    "ATT-E031": _input("explain-shapes: d_model does not split into the heads"),
+    "ATT-E032": _input("explain-shapes: kv heads do not divide the heads"),
+    "ATT-E033": _input("explain-shapes: RoPE needs an even d_head"),
+    "ATT-E034": _input("no bug of that name in the catalogue"),
+    "ATT-E035": _input("explain-shapes: give a spec or sizes, not both"),
+    "ATT-E040": _input("mask values do not fit the mask's convention"),
+    "ATT-E041": _input("attntrace mask: an option is invalid"),
+    "ATT-E042": _input("attntrace positions: an option is invalid"),
+    "ATT-E060": _input("a hook action is written wrongly or unknown"),
+    "ATT-E061": _input("a hook action's argument is invalid"),
+    "ATT-E062": _input("a patch array does not fit the activation"),
+    "ATT-E063": _input("a --hook-file cannot be loaded or its hook failed"),
+    "ATT-E064": _input("an export or save target is refused (an input, a folder, not writable)"),
+    "ATT-E065": _input("a saved trace (.npz/.json) cannot be read"),
+    "ATT-E066": _input("an expectation is written wrongly"),
+    "ATT-E067": _failed("a hand calculation diverges from the trace"),
+    "ATT-E068": _input("--step cannot be combined with --format json"),
+    "ATT-E080": _input("the forward trace lacks an array the backward pass needs"),
+    # ---- shape errors found before numpy runs (exit 3)
+    "ATT-E101": _shape("a matrix product contracts axes of different sizes"),
+    "ATT-E102": _shape("the number of tokens differs from the number of embedding rows"),
+    "ATT-E103": _shape("a projection's width does not split into the heads"),
+    "ATT-E104": _shape("kv heads do not divide the query heads"),
+    "ATT-E105": _shape("an array has the wrong number of axes"),
+    "ATT-E106": _shape("batch sizes differ"),
+    "ATT-E107": _shape("a bias has the wrong length"),
+    "ATT-E108": _shape("the mask does not broadcast to the scores"),
+    "ATT-E109": _shape("the learned position table is too small"),
+    "ATT-E130": _shape("the upstream gradient does not have the output's shape"),
+    "ATT-E140": _shape("RoPE needs an even d_head"),
+    "ATT-E160": _shape("an expectation's values do not have the selected shape"),
+    # ---- attntrace itself
+    "ATT-E999": Code("internal error: a bug in attntrace (exit 70)", 70),
+    # ---- invariant checks and layout hints (warnings; exit 1 under --strict)
+    "ATT-W201": _failed("rows of weights do not sum to 1"),
+    "ATT-W202": _failed("masked positions got weight"),
+    "ATT-W203": _failed("a query may attend to no key"),
+    "ATT-W204": _failed("NaN or infinity appeared in a step"),
+    "ATT-W205": _failed("scores are not scaled by the planned factor"),
+    "ATT-W220": _failed("axes swapped where their sizes happen to agree"),
+    "ATT-W221": _failed("a reshape moves an axis (tokens and heads mixed)"),
+    "ATT-W222": _failed("a weight named like nn.Linear's (out, in) is read as (in, out)"),
+    "ATT-W224": _failed("under a causal mask, outputs depend on later tokens (--check all)"),
+    "ATT-W225": _failed("heads depend on each other's weights (--check all)"),
+    "ATT-W230": _failed("an analytic gradient disagrees with finite differences"),
+}
+
+
+def meaning(code: str) -> str:
+    return CODES[code].meaning
+
+
+def exit_code(code: str) -> int:
+    return CODES[code].exit_code
