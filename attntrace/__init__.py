@@ -17,7 +17,7 @@ def __getattr__(name):
         from attntrace.inputs import spec
         return getattr(spec, name)
     if name == "run":
-        from attntrace.core.engine import run
+        from attntrace.analysis.run import run
         return run
     if name == "Trace":
         from attntrace.core.trace import Trace

@@ -118,8 +118,12 @@ HOOK_POINTS: Tuple[HookPoint, ...] = (
 )
 HOOKS_BY_NAME: Dict[str, HookPoint] = {h.name: h for h in HOOK_POINTS}
 ALIASES: Dict[str, str] = {alias: h.name for h in HOOK_POINTS for alias in h.aliases}
-SYMBOLS: Dict[str, str] = {h.symbol: h.name for h in HOOK_POINTS if h.scope == BLOCK and h.name.startswith("attn.")}
-SYMBOLS.update({"X": "hook_embed", "X_enc": "hook_encoder_embed", "out": "hook_attn_out"})
+# The operand names formulas use (X, Q, scores, weights ...) -> the hook holding that operand
+# (the first point with that symbol: Q is attn.hook_q, RoPE's rotated Q is also written Q).
+SYMBOLS: Dict[str, str] = {}
+for _point_ in HOOK_POINTS:
+    SYMBOLS.setdefault(_point_.symbol, _point_.name)
+del _point_
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def test_every_bug_is_caught_where_it_can_show(name):
 
 
 def _arrays(spec, name=None):
-    from attntrace.core.engine import run
+    from attntrace.analysis.run import run
     overrides = CATALOGUE[name].overrides() if name else None
     return run(spec, overrides=overrides, keep="all", check=False).arrays
 
@@ -105,8 +105,9 @@ def test_forgot_transpose_k_when_d_head_equals_seq_is_flagged_by_axis_names():
 
 def test_expensive_checks_alone_catch_head_mixing():
     """Without the named-axis notes, head independence (and causality) still catch the reshape bugs."""
-    from attntrace.analysis.checks import expensive_checks, rerun_with
-    from attntrace.core.engine import run
+    from attntrace.analysis.checks import expensive_checks
+    from attntrace.analysis.run import rerun_with
+    from attntrace.analysis.run import run
     spec = load_spec(CONFIGS / "bug_inject_wide_heads.yaml")
     for name in ("split-heads-without-transpose", "merge-heads-without-transpose"):
         overrides = CATALOGUE[name].overrides()

@@ -32,7 +32,7 @@ def _spec_dict(path: Path) -> dict:
 
 def _runs_clean(data: dict, base: Path) -> bool:
     """True when the spec, as a dict, passes pre-flight and runs."""
-    from attntrace.core.engine import run
+    from attntrace.analysis.run import run
     from attntrace.inputs.spec import load_spec_text
     try:
         run(load_spec_text(yaml.safe_dump(data, allow_unicode=True), base_dir=base), check=False)
@@ -224,7 +224,7 @@ attention:
 
 def test_clean_configs_raise_no_diagnosis():
     """Every example spec (not bug_*) runs with no diagnosis at all, including the opt-in checks."""
-    from attntrace.analysis.checks import run_checked
+    from attntrace.analysis.run import run as run_checked
     from attntrace.core.plan import plan_from_spec
     from attntrace.inputs.spec import load_spec
     paths = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("bug_"))
@@ -292,7 +292,7 @@ def test_check_broadcast_table_and_swapped_names():
 
 def test_rows_that_should_see_a_key_but_sum_to_zero_warn():
     """A row the mask lets see keys must sum to 1, even when it came out all zeros."""
-    from attntrace.core.engine import run
+    from attntrace.analysis.run import run
     spec = {"tokens": ["a", "b"], "embeddings": [[1.0, 0.0], [0.0, 1.0]],
             "attention": {"W_q": [[1, 0], [0, 1]], "W_k": [[1, 0], [0, 1]], "W_v": [[1, 0], [0, 1]],
                           "mask": {"padding": [1, 1]}}}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from attntrace.render.export import atomic_write
+from attntrace.inputs.files import atomic_write
 
 from conftest import ABC, ABC_X as X  # noqa: E402
 QK = [[10, 58, 106], [58, 234, 410], [106, 410, 714]]      # Q·Kᵀ worked out in test_seed_values.py

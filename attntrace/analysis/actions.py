@@ -157,7 +157,7 @@ def act_print(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
 
 
 def act_save(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
-    from attntrace.render.export import atomic_write, refuse_inputs
+    from attntrace.inputs.files import atomic_write, refuse_inputs
     path = _file(arg, origin, ctx, "save", (".npz",))
     refuse_inputs(path, ctx.protected, origin.text)
     sink = ctx.sinks.setdefault(path.resolve(), {})
@@ -316,7 +316,7 @@ def hooks_from_spec(spec, ctx: Optional[ActionContext] = None) -> List[Tuple[str
     if not spec.hooks:
         return []
     if ctx is None:
-        from attntrace.render.export import input_files
+        from attntrace.inputs.files import input_files
         base = Path(spec.file).resolve().parent if spec.file else Path.cwd()
         ctx = ActionContext(base_dir=base, protected=input_files(spec))
     hooks = []
@@ -350,7 +350,7 @@ def without_side_effects(hooks: Sequence[Tuple[str, HookFn]]) -> List[Tuple[str,
 def command_hooks(texts: Sequence[str], hook_file: Optional[Path], spec) -> Tuple[List[Tuple[str, HookFn]], Set[Path]]:
     """`--hook` and `--hook-file`: the run's extra hooks, and every input file of the run
     (the spec, its array files, the hook file, patch files) that exports must not overwrite."""
-    from attntrace.render.export import input_files
+    from attntrace.inputs.files import input_files
     inputs = input_files(spec)
     if hook_file is not None:
         inputs.add(Path(hook_file).resolve())

@@ -2,7 +2,7 @@
 
 Seed 000's homework: put a bug in on purpose, then follow the message to it.
 Each :class:`Bug` replaces one or more step functions of the engine
-(``engine.run(overrides=...)``), says in one line what it does, which diagnoses
+(``run(spec, overrides=...)``), says in one line what it does, which diagnoses
 or invariants catch it, and when it can show at all (a mask bug cannot show on a
 spec without a mask).  :func:`inject` runs a spec with a bug in place and
 returns a :class:`Verdict`: what caught it, or plainly that nothing did.
@@ -22,10 +22,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from attntrace.core import engine
+from attntrace.core import engine, ops
+from attntrace.hookpoints import PROJECTIONS
 
 from attntrace.core import masks
+from attntrace.analysis.checks import expensive_checks
 from attntrace.analysis.diagnose import Operands, check_broadcast, check_matmul, check_reshape
+from attntrace.analysis.run import prepare, rerun_with, run
 from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
 
 StepFn = Callable[[engine.State], np.ndarray]
@@ -80,13 +83,9 @@ def _named(shape, axes, target=None):
     return tuple(shape), tuple(axes), target
 
 
-def _q_k(state: engine.State):
-    return (state["rot_q"] if "rot_q" in state else state["q"],
-            state["rot_k"] if "rot_k" in state else state["k"])
-
-
 def _spec_mask(spec, plan) -> Optional[np.ndarray]:
-    return masks.build(spec.attention.mask, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
+    """The first block's mask (every block of a model shares the spec's mask)."""
+    return masks.build(spec.attention_of(0).mask, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
 
 
 def _with_mask(key: str, step: StepFn) -> StepFn:
@@ -102,8 +101,8 @@ def _blocked_scores(state: engine.State, blocked: np.ndarray) -> np.ndarray:
     return scores
 
 
-_PROJECTION = {"q": ("W_q", "b_q", "n_heads", "d_head", "seq_q"), "k": ("W_k", "b_k", "n_kv_heads", "d_head", "seq_k"),
-               "v": ("W_v", "b_v", "n_kv_heads", "d_v", "seq_k")}
+# step key -> (weight, bias, heads axis, width axis, sequence axis), from the one projection table
+_PROJECTION = {step: (weight, bias, heads, width, seq) for weight, (bias, step, heads, width, seq) in PROJECTIONS.items()}
 
 
 def _projected(state: engine.State, key: str) -> Tuple[np.ndarray, Operand]:
@@ -111,10 +110,10 @@ def _projected(state: engine.State, key: str) -> Tuple[np.ndarray, Operand]:
     weight, bias, heads_dim, width_dim, seq_axis = _PROJECTION[key]
     x = state.x() if key == "q" else state.x_kv()
     flat = engine.project(state, x, weight, bias, 1)[:, :, 0, :]
-    ops = Operands(state.spec, state.plan)
+    named = Operands(state.spec, state.plan, state.layer)
     shape, axes, _ = _named(flat.shape, ("batch", seq_axis, f"{heads_dim}·{width_dim}"))
     operand = Operand(weight.replace("W_", "").upper(), shape, axes,
-                      ops.projection_origin(weight, then="", head=None), getattr(state.spec.attention, weight).location)
+                      named.projection_origin(weight, then="", head=None), getattr(state.attention, weight).location)
     return flat, operand
 
 
@@ -122,12 +121,12 @@ def _projected(state: engine.State, key: str) -> Tuple[np.ndarray, Operand]:
 
 def _forgot_transpose_k(notes: Notes) -> Dict[str, StepFn]:
     def qk(state):
-        q, k = _q_k(state)
+        q, k = engine.rotated_q_k(state)
         b, sq, h, d = q.shape
-        ops = Operands(state.spec, state.plan)
-        left, right = ops.head_of("W_q", d), ops.head_of("W_k", k.shape[-1])
+        named = Operands(state.spec, state.plan, state.layer)
+        left, right = named.head_of("W_q", d), named.head_of("W_k", k.shape[-1])
         right.origin += " (not transposed)"
-        warning = check_matmul(state.plan, "qk", left, right, head=0, locations=[ops.x_location("W_q")],
+        warning = check_matmul(state.plan, "qk", left, right, head=0, locations=[named.x_location("W_q")],
                                hint="scores = Q·Kᵀ: transpose K so that Q's d_head meets K's d_head")
         if warning:
             notes.append(warning)
@@ -137,14 +136,15 @@ def _forgot_transpose_k(notes: Notes) -> Dict[str, StepFn]:
 
 
 def _softmax_wrong_axis(notes: Notes) -> Dict[str, StepFn]:
-    return {"pattern": lambda state: engine.softmax(state.take("attn_scores"), axis=-2)}
+    return {"pattern": lambda state: ops.softmax(state.take("attn_scores"), axis=-2)}
 
 
 def _scaled_by(factor: Callable) -> Callable[[Notes], Dict[str, StepFn]]:
     def build(notes: Notes) -> Dict[str, StepFn]:
         def scaled(state):
             wrong = copy.copy(state)            # the engine's own step, with another scale
-            wrong.plan = dataclasses.replace(state.plan, scale=factor(state.plan))
+            wrong.plan = dataclasses.replace(state.plan, blocks=[
+                dataclasses.replace(block, scale=factor(state.plan)) for block in state.plan.blocks])
             return engine.step_scaled(wrong)
         return {"scaled": scaled}
     return build
@@ -185,7 +185,7 @@ def _merge_heads_without_transpose(notes: Notes) -> Dict[str, StepFn]:
 
 def _mask_after_softmax(notes: Notes) -> Dict[str, StepFn]:
     def pattern(state):
-        weights = engine.softmax(state.take("attn_scores"))
+        weights = ops.softmax(state.take("attn_scores"))
         np.copyto(weights, 0.0, where=~state["mask"])         # zeroed after the fact: rows no longer sum to 1
         return weights
     def attn_scores(state):
@@ -206,7 +206,7 @@ def _mask_wrong_axis(notes: Notes) -> Dict[str, StepFn]:
         scores = Operand("scores", (plan.size("batch"), plan.size("n_heads"), plan.size("seq_q"), plan.size("seq_k")),
                          ("batch", "n_heads", "seq_q", "seq_k"), "Q·Kᵀ · scale")
         mask = Operand("mask", swapped.shape, ("batch", "1", "seq_k", "seq_q"),
-                       "the mask with its query and key axes swapped", state.spec.attention.mask.location)
+                       "the mask with its query and key axes swapped", state.attention.mask.location)
         warning = check_broadcast(plan, "attn_scores", scores, mask,
                                   hint="rows of the mask are queries, columns keys: (…, seq_q, seq_k)")
         if warning:
@@ -256,7 +256,7 @@ def _kv_heads_tiled(notes: Notes) -> Dict[str, StepFn]:
         return kv_array.transpose(0, 2, 1, 3)[:, np.arange(h) % kv]     # kv heads 0,1,0,1 (not 0,0,1,1)
 
     def qk(state):
-        q, k = _q_k(state)
+        q, k = engine.rotated_q_k(state)
         return q.transpose(0, 2, 1, 3) @ shared(k, q.shape[2]).swapaxes(-1, -2)
 
     def z(state):
@@ -441,22 +441,19 @@ def inject(spec, name: str, *, check: str = "default", dtype: str = "float64", *
     A shape error of the *spec* (before the bug) propagates as usual; a shape error the
     bug causes becomes part of the verdict.
     """
-    from attntrace.analysis.checks import expensive_checks, rerun_with, run_checked
-    from attntrace.core.plan import plan_from_spec
-    from attntrace.inputs.spec import load_spec
     bug = get_bug(name)
-    spec = load_spec(spec)
+    spec, plan, _ = prepare(spec)
     quiet = {k: v for k, v in run_options.items() if k != "on_step"}     # step through the buggy run only
-    clean = run_checked(spec, check=check, dtype=dtype, **quiet)
-    verdict = Verdict(bug, check, cannot_show=bug.cannot_show(spec, plan_from_spec(spec)))
+    clean = run(spec, check=check, dtype=dtype, **quiet)
+    verdict = Verdict(bug, check, cannot_show=bug.cannot_show(spec, plan))
     notes: Notes = []
     try:
-        trace = engine.run(spec, overrides=bug.overrides(notes), dtype=dtype, **run_options)
+        trace = run(spec, overrides=bug.overrides(notes), dtype=dtype, **run_options)
     except ShapeError as error:
         verdict.shape_error = error.diagnoses
         return verdict
     if check == "all":      # re-runs build fresh bug steps: their notes are not this run's
-        found, passed = expensive_checks(spec, trace, lambda s: rerun_with(bug.overrides(), dtype)(s))
+        found, passed = expensive_checks(spec, trace, rerun_with(bug.overrides(), dtype))
         trace.diagnoses.extend(found)
         trace.checks_passed.extend(passed)
     _merge_notes(trace, notes)

@@ -12,27 +12,39 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from attntrace.core import masks
+from attntrace.core.masks import empty_rows, looks_like_ignore, positions
+from attntrace.core.positional import alibi_slopes
+from attntrace.core.stats import PREVIEW_EDGE, edge_indices, preview
 from attntrace.errors import Diagnosis
+from attntrace.hookpoints import point_of
 
 ROW_SUM_TOLERANCE = {"float64": 1e-9, "float32": 1e-5}
 
 
 class CheckContext:
-    def __init__(self, plan, values: Dict[str, np.ndarray], trace, spec=None):
+    """What a check sees: the plan, the live arrays of one block, and the trace so far."""
+
+    def __init__(self, plan, values: Dict[str, np.ndarray], trace, spec=None, layer: Optional[int] = None):
         self.plan = plan
-        self.values = values          # step key -> live array (may be reused in place later)
+        self.values = values          # step key -> live array of this block (may be reused in place later)
         self.trace = trace            # stats, previews and kept arrays of the steps so far
         self.spec = spec
+        self.layer = layer            # the block checked (None: a single attention layer's only block)
+
+    @property
+    def block(self):
+        return self.plan.block(self.layer)
+
+    def step(self, key: str):
+        return self.plan.step(key, self.layer)
 
     def stats(self, key: str):
-        return self.trace.stats[self.plan.step(key).hook]
+        return self.trace.stats[self.step(key).hook]
 
     def corner(self, key: str, array: Optional[np.ndarray] = None) -> np.ndarray:
         """The preview corner of a step's result, as it was when the step finished."""
-        from attntrace.core.engine import PREVIEW_EDGE
-        from attntrace.core.stats import preview
-        from attntrace.hookpoints import point_of
-        hook = self.plan.step(key).hook
+        hook = self.step(key).hook
         if array is None:
             if hook in self.trace.previews:
                 return self.trace.previews[hook].values
@@ -41,7 +53,7 @@ class CheckContext:
         return preview(array, rows, cols, PREVIEW_EDGE).values
 
     def warn(self, code: str, key: str, message: str, **extra) -> Diagnosis:
-        step = self.plan.step(key)
+        step = self.step(key)
         return Diagnosis(code=code, severity="warning", step=step.label, hook=step.hook,
                          message=message, **extra)
 
@@ -66,7 +78,9 @@ def _where(index) -> str:
 @describes("every row of weights sums to 1")
 def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
     pattern = ctx.values["pattern"]
-    sums = ctx.trace.row_sums if ctx.trace.row_sums is not None else pattern.sum(axis=-1, dtype=np.float64)
+    sums = ctx.trace.row_sums.get(ctx.step("pattern").hook)
+    if sums is None:
+        sums = pattern.sum(axis=-1, dtype=np.float64)
     keep = ctx.values.get("mask")
     # a row whose mask blocks every key is all 0 (safe softmax); every other row must sum to 1,
     # including rows that came out 0 although the mask lets them see a key
@@ -119,7 +133,6 @@ def fully_masked_rows(ctx: CheckContext) -> List[Diagnosis]:
     empty = ~keep.any(axis=-1)              # (batch or 1, 1, seq_q)
     if not empty.any():
         return []
-    from attntrace.core.masks import empty_rows, looks_like_ignore
     pairs = empty_rows(keep)
     rows = sorted({q for _, q in pairs})
     names = ", ".join(ctx.token_q(q) for q in rows[:8]) + (" ..." if len(rows) > 8 else "")
@@ -138,7 +151,7 @@ def fully_masked_rows(ctx: CheckContext) -> List[Diagnosis]:
 def scale_matches_plan(ctx: CheckContext) -> List[Diagnosis]:
     # qk's buffer may already hold the scaled values (in place): compare corners
     qk, scaled = ctx.corner("qk"), ctx.corner("scaled", ctx.values["scaled"])
-    expected = ctx.plan.scale
+    expected = ctx.block.scale
     if ctx.plan.positional == "alibi":          # scaled = Q·Kᵀ·scale + the ALiBi bias: take the bias off
         scaled = scaled - _alibi_corner(ctx.plan)
     nonzero = np.abs(qk) > 1e-12
@@ -150,16 +163,12 @@ def scale_matches_plan(ctx: CheckContext) -> List[Diagnosis]:
         return []
     d_head = ctx.plan.size("d_head")
     return [ctx.warn("ATT-W205", "scaled", f"scores were scaled by {actual:.6g}, the plan says "
-                     f"{expected:.6g} ({ctx.plan.scale_text}, d_head={d_head})",
+                     f"{expected:.6g} ({ctx.block.scale_text}, d_head={d_head})",
                      hint=f"the standard scale is 1/√d_head = {d_head ** -0.5:.6g}, not 1/√d_model")]
 
 
 def _alibi_corner(plan) -> np.ndarray:
     """The ALiBi bias at the preview corner of the scores: −slope_h · |i − j| (heads, rows, cols)."""
-    from attntrace.core.engine import PREVIEW_EDGE
-    from attntrace.core.masks import positions
-    from attntrace.core.positional import alibi_slopes
-    from attntrace.core.stats import edge_indices
     seq_q, seq_k = plan.size("seq_q"), plan.size("seq_k")
     q, k = positions(seq_q, seq_k)
     rows, cols = edge_indices(seq_q, PREVIEW_EDGE), edge_indices(seq_k, PREVIEW_EDGE)
@@ -180,7 +189,7 @@ def no_nonfinite(key: str) -> Callable[[CheckContext], List[Diagnosis]]:
         if not allowed_neginf:
             bad |= np.isneginf(array)
         index = [int(i) for i in np.argwhere(bad)[0]]
-        return [ctx.warn("ATT-W204", key, f"{int(bad.sum())} NaN/inf value(s) in {ctx.plan.step(key).hook}, "
+        return [ctx.warn("ATT-W204", key, f"{int(bad.sum())} NaN/inf value(s) in {ctx.step(key).hook}, "
                          f"first at index {index}",
                          hint="an earlier step overflowed, or a fully masked row was softmaxed without care")]
     return check
@@ -222,7 +231,6 @@ def run_step_checks(key: str, ctx: CheckContext) -> Tuple[List[Diagnosis], List[
 
 CHECK_LEVELS = ("default", "all")
 RERUN_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
-_RERUN_KEEP = ("attn.hook_z_concat", "hook_attn_out")
 
 
 def _changed(base: np.ndarray, other: np.ndarray, dtype: str) -> np.ndarray:
@@ -245,41 +253,45 @@ def _perturbed(array, rows=None, cols=None, seed: int = 0):
 
 
 def causal_mask_applies(spec, plan) -> Optional[str]:
-    """None when the spec's mask blocks every later key (so outputs must not depend on later
+    """None when every block's mask blocks every later key (so outputs must not depend on later
     tokens); otherwise why the check does not apply."""
-    from attntrace.core import masks
     if spec.is_cross:
         return "cross-attention: keys come from the encoder, not from later tokens"
     if plan.size("seq_q") < 2:
         return "a single token has no later tokens"
-    keep = masks.build(spec.attention.mask, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
-    if keep is None:
-        return "no mask"
     q, k = masks.positions(plan.size("seq_q"), plan.size("seq_k"))
-    if (keep & (k > q)).any():
-        return "the mask lets some query see a later key (not causal)"
+    for block in spec.blocks:
+        keep = masks.build(block.attention.mask, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
+        if keep is None:
+            return "no mask"
+        if (keep & (k > q)).any():
+            return "the mask lets some query see a later key (not causal)"
     return None
 
 
-def causal_independence(spec, trace, rerun: Callable) -> List[Diagnosis]:
+Rerun = Callable[..., Dict[str, np.ndarray]]     # rerun(spec, keep=[hooks]) -> hook -> array
+
+
+def causal_independence(spec, trace, rerun: Rerun) -> List[Diagnosis]:
     """Change the embeddings of later tokens; the outputs of earlier tokens must not move."""
     import dataclasses
     plan = trace.plan
     if causal_mask_applies(spec, plan) is not None:
         return None
     seq = plan.size("seq_q")
-    base = rerun(spec)["hook_attn_out"]
+    final = plan.steps[-1]
+    base = rerun(spec, keep=[final.hook])[final.hook]
     for cut in sorted({max(1, seq // 2), seq - 1}):
         x = _perturbed(spec.source.embeddings, rows=slice(cut, None), seed=cut)
         changed_spec = dataclasses.replace(spec, source=dataclasses.replace(spec.source, embeddings=x))
-        out = rerun(changed_spec)["hook_attn_out"]
+        out = rerun(changed_spec, keep=[final.hook])[final.hook]
         moved = _changed(base[:, :cut], out[:, :cut], trace.dtype).any(axis=(0, 2))
         if moved.any():
             rows = [int(i) for i in np.flatnonzero(moved)]
-            ctx = CheckContext(plan, {}, trace, spec)
+            ctx = CheckContext(plan, {}, trace, spec, final.layer)
             names = ", ".join(ctx.token_q(i) for i in rows[:8]) + (" ..." if len(rows) > 8 else "")
-            return [ctx.warn("ATT-W224", "out", f"under a causal mask, output row(s) {names} changed when only "
-                             f"later tokens (positions {cut}–{seq - 1}) were changed: earlier tokens "
+            return [ctx.warn("ATT-W224", final.key, f"under a causal mask, output row(s) {names} changed when "
+                             f"only later tokens (positions {cut}–{seq - 1}) were changed: earlier tokens "
                              f"see the future", details=[f"re-ran with the embeddings of positions {cut}–{seq - 1} "
                                                          f"perturbed; rows 0–{cut - 1} must stay identical"],
                              hint="the mask must block every key after the query, before softmax, in every "
@@ -287,18 +299,19 @@ def causal_independence(spec, trace, rerun: Callable) -> List[Diagnosis]:
     return []
 
 
-def head_independence(spec, trace, rerun: Callable) -> List[Diagnosis]:
-    """Change one head's columns of W_q (then of W_v); only that head's output may move."""
-    import dataclasses
+def head_independence(spec, trace, rerun: Rerun) -> List[Diagnosis]:
+    """Change one head's columns of W_q (then of W_v) in the first block; only that head's output may move."""
     plan = trace.plan
     h, kv = plan.size("n_heads"), plan.size("n_kv_heads")
     if h < 2:
         return None
-    att = spec.attention
+    layer = plan.steps[-1].layer if not plan.named_blocks else 0
+    att = spec.attention_of(layer)
     d_head, d_v, group = plan.size("d_head"), plan.size("d_v"), h // kv
     linear = att.layout == "linear"
-    base = rerun(spec)["attn.hook_z_concat"]
-    ctx = CheckContext(plan, {}, trace, spec)
+    concat = plan.step("z_concat", layer).hook
+    base = rerun(spec, keep=[concat])[concat]
+    ctx = CheckContext(plan, {}, trace, spec, layer)
     for head in sorted({0, h - 1}):
         trials = [("W_q", head * d_head, d_head, {head}, f"head {head}'s columns of W_q")]
         if kv > 1:
@@ -309,15 +322,16 @@ def head_independence(spec, trace, rerun: Callable) -> List[Diagnosis]:
             span = slice(start, start + width)
             w = _perturbed(getattr(att, weight), rows=span if linear else None, cols=None if linear else span,
                            seed=7 + head)
-            out = rerun(dataclasses.replace(spec, attention=dataclasses.replace(att, **{weight: w})))
-            moved = _changed(base, out["attn.hook_z_concat"], trace.dtype)
+            import dataclasses
+            out = rerun(spec.with_attention(layer, dataclasses.replace(att, **{weight: w})), keep=[concat])
+            moved = _changed(base, out[concat], trace.dtype)
             heads_moved = {i for i in range(h) if moved[..., i * d_v:(i + 1) * d_v].any()}
             leaked = sorted(heads_moved - allowed)
             if leaked:
                 return [ctx.warn("ATT-W225", "z_concat", f"head(s) {', '.join(map(str, leaked))} changed when "
                                  f"only {what} changed: heads must be independent of each other's weights",
                                  details=[f"re-ran with {what} perturbed; the other heads' columns of "
-                                          f"attn.hook_z_concat must stay identical"],
+                                          f"{concat} must stay identical"],
                                  hint="split heads as reshape (seq, n_heads·d_head) → (seq, n_heads, d_head), "
                                       "then transpose; merge them back in the reverse order")]
     return []
@@ -328,9 +342,9 @@ head_independence.describes = "each head depends only on its own weights (re-run
 EXPENSIVE_CHECKS = (causal_independence, head_independence)
 
 
-def expensive_checks(spec, trace, rerun: Callable) -> Tuple[List[Diagnosis], List[str]]:
-    """The opt-in checks; `rerun(spec)` runs attention (with the same step functions) and returns
-    a mapping hook -> array holding at least hook_attn_out and attn.hook_z_concat."""
+def expensive_checks(spec, trace, rerun: Rerun) -> Tuple[List[Diagnosis], List[str]]:
+    """The opt-in checks (`--check all`); `rerun(spec, keep=hooks)` runs the same step functions
+    without checks and returns the kept arrays."""
     found: List[Diagnosis] = []
     passed: List[str] = []
     for check in EXPENSIVE_CHECKS:
@@ -341,24 +355,3 @@ def expensive_checks(spec, trace, rerun: Callable) -> Tuple[List[Diagnosis], Lis
         if not result:
             passed.append(check.describes)
     return found, passed
-
-
-def rerun_with(overrides=None, dtype: str = "float64") -> Callable:
-    """A rerun function for :func:`expensive_checks` with the given step functions."""
-    def rerun(spec):
-        from attntrace.core.engine import run
-        return run(spec, overrides=overrides, dtype=dtype, keep=_RERUN_KEEP, check=False).arrays
-    return rerun
-
-
-def run_checked(spec, *, check: str = "default", overrides=None, dtype: str = "float64", **run_options):
-    """engine.run with the default checks; with check="all" also the opt-in ones."""
-    from attntrace.core.engine import run
-    from attntrace.inputs.spec import load_spec
-    spec = load_spec(spec)
-    trace = run(spec, overrides=overrides, dtype=dtype, **run_options)
-    if check == "all":
-        found, passed = expensive_checks(spec, trace, rerun_with(overrides, dtype))
-        trace.diagnoses.extend(found)
-        trace.checks_passed.extend(passed)
-    return trace

@@ -11,31 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from attntrace.errors import Diagnosis, InputError
-from attntrace.hookpoints import HOOKS_BY_NAME
+from attntrace.hookpoints import HOOKS_BY_NAME, PARAMETERS_BY_NAME, SYMBOLS, parameter_axes
 from attntrace.core.plan import Plan, Step, plan_from_sizes
 
 ITEMSIZE = {"float64": 8, "float32": 4}
 
-# The axes of every operand a step reads, by the name the plan's steps use.
-# Projection weights are (in, out) for `layout: x_at_w` and (out, in) for `linear`.
-_WEIGHT_AXES = {"W_q": ("d_model", "n_heads·d_head"), "W_k": ("d_model", "n_kv_heads·d_head"),
-                "W_v": ("d_model", "n_kv_heads·d_v"), "W_o": ("n_heads·d_v", "d_out")}
-_ACTIVATION_HOOKS = {"X": "hook_embed", "X_enc": "hook_encoder_embed", "Q": "attn.hook_q", "K": "attn.hook_k",
-                     "V": "attn.hook_v", "scores": "attn.hook_qk", "scaled": "attn.hook_scaled",
-                     "mask": "attn.hook_mask", "masked": "attn.hook_attn_scores", "weights": "attn.hook_pattern",
-                     "z": "attn.hook_z", "concat": "attn.hook_z_concat"}
 # axes shown only when they carry information
 _QUIET_WHEN_ONE = ("batch", "1")
 
 
 def operand_axes(plan: Plan, name: str) -> Tuple[str, ...]:
     """Named axes of an operand of a step (X, W_q, Q, scores, ...)."""
-    if name in _WEIGHT_AXES:
-        axes = _WEIGHT_AXES[name]
-        return axes if plan.layout == "x_at_w" else axes[::-1]
+    if name in PARAMETERS_BY_NAME:
+        return parameter_axes(name, plan.layout)
     if name == "PE":
         return ("seq_q", "d_model")
-    return HOOKS_BY_NAME[_ACTIVATION_HOOKS[name]].axes
+    return HOOKS_BY_NAME[SYMBOLS[name]].axes
 
 
 def axis_size(plan: Plan, axis: str) -> int:
@@ -140,8 +131,7 @@ def describe_flow(plan: Plan, dtype: str = "float64") -> Flow:
     itemsize = ITEMSIZE[dtype]
     steps = []
     for step in plan.steps:
-        scores_step = step.hook in ("attn.hook_qk", "attn.hook_scaled", "attn.hook_mask",
-                                    "attn.hook_attn_scores", "attn.hook_pattern")
+        scores_step = step.point.axes[-2:] == ("seq_q", "seq_k")
         inputs = [(name, shape_of(plan, operand_axes(plan, name), name in _SCORE_OPERANDS))
                   for name in step.inputs]
         steps.append(FlowStep(step, inputs, shape_of(plan, step.axes, scores_step),

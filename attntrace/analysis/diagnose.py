@@ -35,9 +35,12 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from attntrace.errors import Diagnosis, Location, Operand, ShapeError
 from attntrace.analysis.dataflow import operand_axes
 from attntrace.core.plan import Plan, output_width
+from attntrace.hookpoints import PROJECTIONS as PROJECTION_TABLE
+from attntrace.hookpoints import point_of
 
-PROJECTIONS = {"W_q": ("q", "Q", "n_heads", "d_head"), "W_k": ("k", "K", "n_kv_heads", "d_head"),
-               "W_v": ("v", "V", "n_kv_heads", "d_v")}
+# weight -> (step, result symbol, heads axis, width axis), from the one projection table
+PROJECTIONS = {weight: (step, point_of("attn.hook_" + step).symbol, heads, width)
+               for weight, (_, step, heads, width, _) in PROJECTION_TABLE.items()}
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -82,9 +85,9 @@ def bindings(plan: Plan, names: Iterable[str]) -> List[str]:
 def make_diagnosis(plan: Plan, key: str, code: str, message: str, operands: Sequence[Operand],
                    dims: Sequence[str] = (), details: Sequence[str] = (), hint: Optional[str] = None,
                    head: Optional[int] = None, severity: str = "error",
-                   locations: Iterable[Optional[Location]] = ()) -> Diagnosis:
+                   locations: Iterable[Optional[Location]] = (), layer: Optional[int] = None) -> Diagnosis:
     """A diagnosis in the one format every shape finding uses (pre-flight or runtime)."""
-    step = plan.step(key)
+    step = plan.step(key, layer)
     lead = headline(step, head) if severity == "error" else f"step {step.label}" + (
         f", head {head}" if head is not None else "")
     return Diagnosis(code=code, severity=severity, step=step.label, hook=step.hook, head=head, rule=step.rule,
@@ -98,8 +101,10 @@ def make_diagnosis(plan: Plan, key: str, code: str, message: str, operands: Sequ
 class Operands:
     """The operands of a spec as diagnoses show them: shape, named axes, origin, YAML line."""
 
-    def __init__(self, spec, plan: Plan):
-        self.spec, self.plan, self.att = spec, plan, spec.attention
+    def __init__(self, spec, plan: Plan, layer: Optional[int] = None):
+        self.spec, self.plan, self.layer = spec, plan, layer
+        self.att = spec.attention_of(layer)
+        self.where = f"blocks[{layer or 0}].attention" if spec.is_model else "attention"
 
     @property
     def linear(self) -> bool:
@@ -121,7 +126,7 @@ class Operands:
         axes = operand_axes(self.plan, name) if array.data.ndim == 2 else \
             tuple(f"axis{i}" for i in range(array.data.ndim))
         how = "(out, in), used as .T (layout: linear)" if self.linear else "(in, out)"
-        return Operand(name, array.shape, axes, f"attention.{name} {how}", array.location, conflict)
+        return Operand(name, array.shape, axes, f"{self.where}.{name} {how}", array.location, conflict)
 
     def hand_x_shape(self, encoder: bool = False) -> Tuple[int, ...]:
         x = (self.spec.encoder if encoder else self.spec.source).embeddings
@@ -164,25 +169,33 @@ class Operands:
 
 # =========================================================================== pre-flight
 
+_MODEL_STEPS = ("embed", "pos", "embed_norm", "encoder_embed", "ln_final")
+
 class _Checker:
     def __init__(self, spec, plan: Plan):
         self.spec, self.plan = spec, plan
-        self.att = spec.attention
-        self.ops = Operands(spec, plan)
         self.found: List[Diagnosis] = []
         self.warnings: List[Diagnosis] = []
+        self.enter(None if not spec.is_model else 0)
+
+    def enter(self, layer: Optional[int]) -> None:
+        """Check block `layer` next (a single attention layer has one block, layer None)."""
+        self.layer = layer
+        self.att = self.spec.attention_of(layer)
+        self.ops = Operands(self.spec, self.plan, layer)
         self.broken: set = set()        # projections already reported: later checks would only echo them
 
     def report(self, code: str, key: str, message: str, operands: Sequence[Operand], dims: Sequence[str] = (),
                details: Sequence[str] = (), hint: Optional[str] = None, head: Optional[int] = None,
                locations: Iterable[Optional[Location]] = ()) -> None:
+        layer = self.layer if key not in _MODEL_STEPS else None
         self.found.append(make_diagnosis(self.plan, key, code, message, operands, dims, details, hint, head,
-                                         locations=locations))
+                                         locations=locations, layer=layer))
 
     def warn(self, code: str, key: str, message: str, operands: Sequence[Operand], dims: Sequence[str] = (),
              details: Sequence[str] = (), hint: Optional[str] = None) -> None:
         self.warnings.append(make_diagnosis(self.plan, key, code, message, operands, dims, details, hint,
-                                            severity="warning"))
+                                            severity="warning", layer=self.layer))
 
     # -- embeddings ----------------------------------------------------------
     def embeddings(self) -> None:
@@ -304,7 +317,7 @@ class _Checker:
         self.report("ATT-E107", key, f"{bias_name} has shape {_tuple_text(bias.shape)}; {name} gives "
                     f"{width} columns, so {bias_name} needs {width} numbers",
                     [Operand(bias_name, bias.shape, ("d_out",) if bias.data.ndim == 1 else (),
-                             f"attention.{bias_name}, added to every row of X @ {name}", bias.location,
+                             f"{self.ops.where}.{bias_name}, added to every row of X @ {name}", bias.location,
                              0 if bias.data.ndim == 1 else None),
                      self.ops.weight(name, conflict=(1 if self.att.layout == "x_at_w" else 0))],
                     [heads_dim, width_dim] if heads_dim else [width_dim],
@@ -364,7 +377,7 @@ class _Checker:
                     details.insert(1, "  a 3-axis mask is read as (batch, seq_q, seq_k): it gets a head axis of 1")
                 self.report("ATT-E108", "mask", f"mask matrix {_tuple_text(shape)} does not fit the scores "
                             f"(batch={b}, n_heads={h}, seq_q={q}, seq_k={k})",
-                            [Operand("mask", shape, mask_axes, "attention.mask (True = may attend)",
+                            [Operand("mask", shape, mask_axes, f"{self.ops.where}.mask (True = may attend)",
                                      m.matrix.location, _first_conflict(placed, (b, h, q, k)))],
                             ["seq_q", "seq_k", "batch"], details=details,
                             hint=f"write a {q}×{k} matrix (one row per query, one column per key)"
@@ -378,9 +391,81 @@ class _Checker:
                 self.report("ATT-E106" if batch_only else "ATT-E108", "mask",
                             f"padding {_tuple_text(shape)} must be (seq_k={k},) or (batch={b}, seq_k={k})",
                             [Operand("padding", shape, ("batch", "seq_k")[-len(shape):] if len(shape) <= 2 else (),
-                                     "attention.mask.padding (1 = real token)", m.padding.location, conflict)],
+                                     f"{self.ops.where}.mask.padding (1 = real token)", m.padding.location,
+                                     conflict)],
                             ["seq_k", "batch"], details=alignment_table(placed, (b, h, q, k), scores_axes, "padding"),
                             hint="one 1/0 per key token" + (" and one row per batch item" if b > 1 else ""))
+
+    # -- transformer blocks --------------------------------------------------
+    def model_norms(self) -> None:
+        for key, norm, where in (("embed_norm", self.spec.embed_norm, "embed_norm"),
+                                 ("ln_final", self.spec.final_norm, "ln_final")):
+            if norm is not None:
+                self.norm_vectors(key, norm, where)
+
+    def norm_vectors(self, key: str, norm, where: str) -> None:
+        d = self.plan.size("d_model")
+        for part in ("weight", "bias"):
+            array = getattr(norm, part)
+            if array is not None and tuple(array.shape) != (d,):
+                self.report("ATT-E110", key, f"{where}.{part} has shape {_tuple_text(array.shape)}; a norm "
+                            f"scales each of the d_model={d} features, so it needs ({d},)",
+                            [Operand(f"{where}.{part}", array.shape, ("d_model",)[:array.data.ndim],
+                                     f"{where}.{part}", array.location, 0)], ["d_model"],
+                            hint="one number per feature of the residual stream")
+
+    def same_sizes_as_first(self) -> None:
+        """Every block of a spec shares the first block's heads and head widths."""
+        first, att = self.spec.attention_of(0), self.att
+        for field_name, label in (("heads", "heads"), ("kv_heads", "kv_heads"), ("d_head", "d_head")):
+            mine, theirs = getattr(att, field_name), getattr(first, field_name)
+            if field_name == "kv_heads":
+                mine, theirs = mine or att.heads, theirs or first.heads
+            if mine is not None and theirs is not None and mine != theirs:
+                self.report("ATT-E111", "qk", f"block {self.layer} has {label}={mine} but block 0 has "
+                            f"{label}={theirs}", [], ["n_heads", "n_kv_heads", "d_head"],
+                            locations=[att.locations.get(field_name), first.locations.get(field_name)],
+                            hint="every block of a spec has the same number and width of heads")
+
+    def block_parts(self) -> None:
+        if not self.spec.is_model:
+            return
+        block = self.spec.blocks[self.layer]
+        where = f"blocks[{self.layer}]"
+        if block.residual and self.plan.size("d_out") != self.plan.size("d_model") and "W_o" not in self.broken:
+            w_o = self.att.W_o
+            self.report("ATT-E101", "resid_mid", f"the residual adds attn_out (d_out={self.plan.size('d_out')}) "
+                        f"to the block's input (d_model={self.plan.size('d_model')})",
+                        [self.ops.weight("W_o", conflict=1 if self.att.layout == "x_at_w" else 0)]
+                        if w_o is not None else [], ["d_out", "d_model"],
+                        hint="W_o must map the heads back to d_model (or write residual: false)")
+        for key, norm in (("ln1", block.ln1), ("ln2", block.ln2)):
+            if norm is not None and any(s.key == key and s.layer == self.layer for s in self.plan.steps):
+                self.norm_vectors(key, norm, f"{where}.{key}")
+        if block.mlp is not None:
+            self.mlp_shapes(block.mlp, f"{where}.mlp")
+
+    def mlp_shapes(self, mlp, where: str) -> None:
+        d, m = self.plan.size("d_model"), self.plan.size("d_mlp")
+        linear = mlp.layout == "linear"
+        expected = {"W_in": (d, m), "W_gate": (d, m), "W_up": (d, m), "W_out": (m, d), "W_down": (m, d)}
+        steps = {"W_in": "mlp_pre", "W_gate": "mlp_pre", "W_up": "mlp_post", "W_out": "mlp_out", "W_down": "mlp_out",
+                 "b_in": "mlp_pre", "b_gate": "mlp_pre", "b_up": "mlp_post", "b_out": "mlp_out", "b_down": "mlp_out"}
+        for name, array in mlp.weights.items():
+            if name.startswith("W_"):
+                shape = expected[name][::-1] if linear else expected[name]
+                axes = ("d_model", "d_mlp") if expected[name] == (d, m) else ("d_mlp", "d_model")
+                axes = axes[::-1] if linear else axes
+            else:
+                shape = (m,) if name in ("b_in", "b_gate", "b_up") else (d,)
+                axes = ("d_mlp",) if shape == (m,) else ("d_model",)
+            if tuple(array.shape) != shape:
+                self.report("ATT-E110", steps[name], f"{where}.{name} has shape {_tuple_text(array.shape)}; "
+                            f"with d_model={d} and d_mlp={m} it must be {_tuple_text(shape)}"
+                            + (" (layout: linear stores (out, in))" if linear and name.startswith("W_") else ""),
+                            [Operand(f"{where}.{name}", array.shape, axes if array.data.ndim == len(axes) else (),
+                                     f"{where}.{name}", array.location)], ["d_model", "d_mlp"],
+                            hint="d_mlp is bound by the first MLP weight; check its layout (x_at_w: (in, out))")
 
     # -- layout evidence -----------------------------------------------------
     def layout_hint(self) -> None:
@@ -391,14 +476,14 @@ class _Checker:
             w = getattr(self.att, name)
             if w is None or w.data.ndim != 2 or w.shape[0] != w.shape[1]:
                 continue
-            key = _source_key(self.spec, ["attention", name])
+            key = _source_key(self.spec, (["blocks", self.layer] if self.spec.is_model else []) + ["attention", name])
             if key and looks_like_linear_weight(key):
                 self.warn("ATT-W222", PROJECTIONS.get(name, ("out",))[0],
                           f"{name} comes from '{key}', a name nn.Linear weights carry; nn.Linear stores "
                           f"(out, in), but the layout is x_at_w (in, out). {name} is square "
                           f"({shape_text(w.shape)}), so its shape cannot tell the two apart",
                           [self.ops.weight(name)], ["d_model"],
-                          hint="if these are nn.Linear weights, set `layout: linear` in attention")
+                          hint=f"if these are nn.Linear weights, set `layout: linear` in {self.ops.where}")
 
 
 def _first_conflict(placed: Sequence[Optional[int]], target: Sequence[int]) -> Optional[int]:
@@ -468,12 +553,18 @@ def _run_checks(spec, plan: Plan) -> _Checker:
     checker = _Checker(spec, plan)
     checker.embeddings()
     checker.positional()
-    for name in ("W_q", "W_k", "W_v"):
-        checker.projection(name)
-    checker.heads()
-    checker.mask()
-    checker.out_projection()
-    checker.layout_hint()
+    checker.model_norms()
+    for layer in (range(len(spec.blocks)) if spec.is_model else (None,)):
+        checker.enter(layer)
+        if layer:
+            checker.same_sizes_as_first()
+        for name in ("W_q", "W_k", "W_v"):
+            checker.projection(name)
+        checker.heads()
+        checker.mask()
+        checker.out_projection()
+        checker.layout_hint()
+        checker.block_parts()
     order = {s.hook: s.number for s in plan.steps}
     checker.found.sort(key=lambda d: order.get(d.hook, 0))
     return checker
@@ -483,8 +574,6 @@ def preflight(spec, plan: Plan) -> List[Diagnosis]:
     """Raise ShapeError (exit 3) when the spec's arrays do not fit the plan; return the warnings."""
     checker = _run_checks(spec, plan)
     if checker.found:
-        from attntrace.analysis.fixes import attach_verified_fixes
-        attach_verified_fixes(spec, checker.found)
         raise ShapeError(checker.found)
     return checker.warnings
 

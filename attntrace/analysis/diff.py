@@ -48,7 +48,7 @@ def load_side(path, *, dtype: str = "float64", hooks: Sequence = ()) -> TraceDat
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SPEC_SUFFIXES:
-        from attntrace.core.engine import run
+        from attntrace.analysis.run import run
         return from_trace(run(path, hooks=hooks, keep="all", dtype=dtype, check=False), str(path))
     if suffix not in SAVED_SUFFIXES:
         raise input_error("ATT-E065", f"{path}: diff compares specs (.yaml) and saved traces (.npz, .json)",

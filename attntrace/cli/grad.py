@@ -42,7 +42,7 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     attntrace grad spec.yaml --format json
     """
     from attntrace.core.backward import backward, match_grads
-    from attntrace.core.engine import run as run_engine
+    from attntrace.analysis.run import run as run_engine
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.render.output import make_console, print_json
     from attntrace.cli.run import BUILTIN_EXAMPLE

@@ -99,8 +99,9 @@ def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention,
     """
     import numpy as np
 
+    from attntrace.analysis import maskinfo
     from attntrace.core import masks
-    from attntrace.errors import EXIT_OK, Diagnosis, input_error
+    from attntrace.errors import EXIT_OK, input_error
     from attntrace.render.mask_view import mask_to_json, render_mask
     from attntrace.render.output import make_console, print_json
 
@@ -125,35 +126,28 @@ def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention,
         if len(padding_rows) not in (0, 1, batch):
             raise input_error("ATT-E041", f"--padding gives {len(padding_rows)} rows but the spec has batch "
                                           f"size {batch}", hint="give one row, or one per batch item")
-        if not has_flags and spec.attention.mask.is_empty:
+        if not has_flags and spec.attention_of(0).mask.is_empty:
             raise input_error("ATT-E041", f"nothing to apply: {apply_spec} has no mask and no mask flag was given",
                               hint="add --causal, --padding, --window or --prefix")
         if has_flags:
             keep = masks.combine(queries, keys, causal_=causal, window_size=window, prefix=prefix,
                                  padding_keep=np.array(padding_rows, dtype=bool) if padding_rows else None)
-            description = masks.describe_kinds(causal, len(padding_rows), window, prefix)
+            description = maskinfo.describe_kinds(causal, len(padding_rows), window, prefix)
         else:
-            keep = masks.build(spec.attention.mask, batch, queries, keys)
-            description = spec.attention.mask.describe() + " (from the spec)"
-        traces = masks.before_after(spec, keep if has_flags else None)
+            keep = masks.build(spec.attention_of(0).mask, batch, queries, keys)
+            description = spec.attention_of(0).mask.describe() + " (from the spec)"
+        traces = maskinfo.before_after(spec, keep if has_flags else None)
         query_tokens, key_tokens = list(spec.tokens), list(spec.key_tokens)
     else:
         queries, keys = resolve_sizes(seq, seq_q, seq_k, token_list, padding_rows)
         keep = masks.combine(queries, keys, causal_=causal, window_size=window, prefix=prefix,
                              padding_keep=np.array(padding_rows, dtype=bool) if padding_rows else None)
-        description = masks.describe_kinds(causal, len(padding_rows), window, prefix)
+        description = maskinfo.describe_kinds(causal, len(padding_rows), window, prefix)
         key_tokens = token_list or [str(i) for i in range(keys)]
         query_tokens = masks.query_labels(key_tokens, queries)
-    picture = masks.MaskPicture(keep, description, query_tokens, key_tokens, convention or "additive")
-    diagnoses = []
-    if picture.empty_rows:
-        names = ", ".join(picture.row_name(b, q) for b, q in picture.empty_rows[:8])
-        more = " ..." if len(picture.empty_rows) > 8 else ""
-        diagnoses.append(Diagnosis(
-            "ATT-W203", f"{names}{more} may attend to no key: softmax of an all-blocked row is NaN with -inf "
-                        "and uniform (1/seq_k, attending to padding) with -1e9; attntrace and PyTorch SDPA "
-                        "give zeros", severity="warning", hook="attn.hook_mask",
-            hint="every query usually needs at least one visible key (is a whole batch item padding?)"))
+    picture = maskinfo.MaskPicture(keep, description, query_tokens, key_tokens, convention or "additive")
+    warning = maskinfo.empty_row_warning(picture)
+    diagnoses = [warning] if warning else []
     if fmt == "json":
         print_json(mask_to_json(picture, diagnoses, traces))
     else:

@@ -74,7 +74,8 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     import sys
     from attntrace.analysis.actions import command_hooks
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
-    from attntrace.render.export import check_targets, wants_data
+    from attntrace.inputs.files import check_targets
+    from attntrace.render.export import wants_data
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
     from attntrace.inputs.spec import load_spec
@@ -101,7 +102,7 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
                 verdict = inject_bug(loaded, inject, check=check_level, **run_options)
                 trace = verdict.trace
             else:
-                from attntrace.analysis.checks import run_checked
+                from attntrace.analysis.run import run as run_checked
                 trace = run_checked(loaded, check=check_level, **run_options)
         except StopStepping as stop:
             console.print(f"stopped after step {stop.step.label}")

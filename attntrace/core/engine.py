@@ -1,78 +1,123 @@
-"""The engine: executes a plan with vectorised numpy and returns a Trace.
+"""The engine: executes a plan with vectorised numpy and fills a Trace.
 
 Each step of the plan is a small function of the run's state.  Bugs
-(:mod:`attntrace.bugs`) are alternative step functions, so ``--inject`` runs
-the same loop with one step swapped.  After every step the hooks fire, the
-stats and cheap invariant checks run on the live array, and the array is
-kept only when it is asked for, hooked, or small; score-sized steps work in
-place when their input is not kept, so a 4k-token, 12-head run needs one
-(heads × seq × seq) buffer, not five.
+(:mod:`attntrace.analysis.bugs`) are alternative step functions, so
+``--inject`` runs the same loop with one step swapped.  The engine only
+executes: pre-flight diagnosis and invariant checks belong to
+:func:`attntrace.analysis.run.run`, which calls :func:`execute` with an
+``after_step`` callback that sees every step's live array.
+
+After every step the hooks fire, stats are taken, and the array is kept only
+when it is asked for, hooked, or small; score-sized steps work in place when
+their input is not kept, so a 4k-token, 12-head layer needs one
+(heads × seq × seq) buffer, not five.  A spec of transformer blocks runs
+block after block; a block's arrays are dropped when the next block starts
+(unless kept), so memory does not grow with the number of layers.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Set, Union
 
 import numpy as np
 
-from attntrace.analysis import checks as checks_mod
-from attntrace.core import masks
-from attntrace.core import positional
-from attntrace.core.hooks import HookFn, HookSet
-from attntrace.core.plan import Plan, plan_from_spec
-from attntrace.inputs.spec import Spec, load_spec
-from attntrace.core.stats import array_stats, preview, row_winners, scaled_stats
+from attntrace.core import masks, ops, positional
+from attntrace.core.hooks import HookSet
+from attntrace.core.plan import BlockPlan, Plan, Step
+from attntrace.core.stats import PREVIEW_EDGE, array_stats, preview, row_winners, scaled_stats
 from attntrace.core.trace import Trace
-from attntrace.hookpoints import point_of
+from attntrace.errors import Diagnosis, ShapeError
+from attntrace.hookpoints import match_hooks, point_of
+from attntrace.inputs.spec import AttentionSpec, BlockSpec, Spec
 
 AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
-PREVIEW_EDGE = 4                 # rows/columns kept at each end of a big array
 
 
 class State:
-    """Arrays of the steps run so far, with copy-on-write for kept ones."""
+    """The arrays of the steps run so far, with copy-on-write for kept ones.
+
+    Step functions read the current block's arrays by step key (``state["q"]``);
+    the embeddings' steps (``embed``, ``pos`` ...) are visible from every block."""
 
     def __init__(self, spec: Spec, plan: Plan, dtype: np.dtype):
         self.spec, self.plan, self.dtype = spec, plan, dtype
-        self.values: Dict[str, np.ndarray] = {}
-        self.protected: Set[str] = set()     # kept or hooked: never modified in place
+        self.model_values: Dict[str, np.ndarray] = {}    # embed, pos, embed_norm, encoder_embed, ln_final
+        self.values: Dict[str, np.ndarray] = {}          # the current block's step key -> array
+        self.protected: Set[str] = set()                 # kept or hooked: never modified in place
+        self.layer: Optional[int] = None
+        self.block_output: Optional[np.ndarray] = None   # the previous block's last step
 
+    # -- the block being run -------------------------------------------------
+    def enter(self, layer: int) -> None:
+        """Start block `layer`: the previous block's arrays go (kept ones live on in the trace)."""
+        self.layer = layer
+        self.values = {}
+        self.protected = {key for key in self.protected if key.startswith("model:")}
+
+    def stream(self) -> np.ndarray:
+        """The residual stream entering the current step: the last block's output, else X."""
+        return self.block_output if self.block_output is not None else self.embeddings()
+
+    @property
+    def block(self) -> BlockPlan:
+        return self.plan.block(self.layer)
+
+    @property
+    def block_spec(self) -> BlockSpec:
+        return self.spec.blocks[self.layer or 0]
+
+    @property
+    def attention(self) -> AttentionSpec:
+        return self.block_spec.attention
+
+    # -- reading ---------------------------------------------------------------
     def __getitem__(self, key: str) -> np.ndarray:
-        return self.values[key]
+        if key in self.values:
+            return self.values[key]
+        return self.model_values[key]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.values
+        return key in self.values or key in self.model_values
+
+    def store(self, step: Step, array: np.ndarray) -> None:
+        (self.values if step.layer is not None else self.model_values)[step.key] = array
+
+    def protect(self, step: Step) -> None:
+        self.protected.add(step.key if step.layer is not None else "model:" + step.key)
 
     def take(self, key: str) -> np.ndarray:
         """The array of `key` for in-place use (a copy when someone holds on to it)."""
         array = self.values[key]
         return array.copy() if key in self.protected else array
 
+    def embeddings(self) -> np.ndarray:
+        """X after positions and the embedding norm: the first block's input."""
+        for key in ("embed_norm", "pos", "embed"):
+            if key in self.model_values:
+                return self.model_values[key]
+        raise KeyError("embed")
+
     def x(self) -> np.ndarray:
-        return self.values["pos"] if "pos" in self.values else self.values["embed"]
+        """The attention's input: ln1 (pre-norm), the block's input, or the embeddings."""
+        if "ln1" in self.values and self.block.placement == "pre":
+            return self.values["ln1"]
+        if "resid_pre" in self.values:
+            return self.values["resid_pre"]
+        return self.embeddings()
 
     def x_kv(self) -> np.ndarray:
-        return self.values["encoder_embed"] if "encoder_embed" in self.values else self.x()
+        return self.model_values["encoder_embed"] if "encoder_embed" in self.model_values else self.x()
 
     def cast(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array, dtype=self.dtype)
 
+    def optional(self, array_spec) -> Optional[np.ndarray]:
+        return None if array_spec is None else self.cast(array_spec.data)
 
-# --------------------------------------------------------------------------- steps
+
+# --------------------------------------------------------------------------- embedding steps
 
 def _batched(array: np.ndarray) -> np.ndarray:
     return array[None] if array.ndim == 2 else array
-
-
-def project(state: State, x: np.ndarray, weight: str, bias: str, heads: int) -> np.ndarray:
-    """x (batch, seq, d_model) -> (batch, seq, heads, width/heads)."""
-    att = state.spec.attention
-    w = state.cast(getattr(att, weight).data)
-    y = x @ (w if att.layout == "x_at_w" else w.T)
-    b = getattr(att, bias)
-    if b is not None:
-        y += state.cast(b.data)
-    batch, seq, width = y.shape
-    return y.reshape(batch, seq, heads, width // heads)
 
 
 def step_embed(state: State) -> np.ndarray:
@@ -92,6 +137,31 @@ def step_pos(state: State) -> np.ndarray:
     return x + state.cast(table)
 
 
+def _norm(state: State, norm, x: np.ndarray) -> np.ndarray:
+    if norm.kind == "rmsnorm":
+        return ops.rms_norm(x, state.optional(norm.weight), norm.eps)
+    return ops.layer_norm(x, state.optional(norm.weight), state.optional(norm.bias), norm.eps)
+
+
+def step_embed_norm(state: State) -> np.ndarray:
+    x = state.model_values["pos"] if "pos" in state.model_values else state.model_values["embed"]
+    return _norm(state, state.spec.embed_norm, x)
+
+
+def step_ln_final(state: State) -> np.ndarray:
+    return _norm(state, state.spec.final_norm, state.stream())
+
+
+# --------------------------------------------------------------------------- attention steps
+
+def project(state: State, x: np.ndarray, weight: str, bias: str, heads: int) -> np.ndarray:
+    """x (batch, seq, d_model) -> (batch, seq, heads, width/heads)."""
+    att = state.attention
+    y = ops.linear(x, state.cast(getattr(att, weight).data), state.optional(getattr(att, bias)), att.layout)
+    batch, seq, width = y.shape
+    return y.reshape(batch, seq, heads, width // heads)
+
+
 def step_q(state: State) -> np.ndarray:
     return project(state, state.x(), "W_q", "b_q", state.plan.size("n_heads"))
 
@@ -104,30 +174,11 @@ def step_v(state: State) -> np.ndarray:
     return project(state, state.x_kv(), "W_v", "b_v", state.plan.size("n_kv_heads"))
 
 
-def grouped_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Q (b, sq, h, d) · K (b, sk, kv, d)ᵀ -> (b, h, sq, sk); query head i uses kv head i // (h/kv)."""
-    b, sq, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, sq, kv, h // kv, d).transpose(0, 2, 3, 1, 4)      # (b, kv, g, sq, d)
-    kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # (b, kv, 1, d, sk)
-    return (qg @ kt).reshape(b, h, sq, k.shape[1])
-
-
-def grouped_mix(pattern: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """pattern (b, h, sq, sk) · V (b, sk, kv, dv) -> z (b, sq, h, dv)."""
-    b, h, sq, sk = pattern.shape
-    kv, dv = v.shape[2], v.shape[3]
-    pg = pattern.reshape(b, kv, h // kv, sq, sk)
-    vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # (b, kv, 1, sk, dv)
-    return (pg @ vt).reshape(b, h, sq, dv).transpose(0, 2, 1, 3)
-
-
 def _rotate(state: State, key: str) -> np.ndarray:
     """RoPE on Q or K (batch, seq, heads, d_head); positions with the KV-cache offset of the masks."""
     x = state[key]
     if x.shape[-1] % 2:
-        from attntrace.errors import Diagnosis, ShapeError
-        step, plan = state.plan.step("rot_" + key), state.plan
+        step, plan = state.plan.step("rot_" + key, state.layer), state.plan
         raise ShapeError(Diagnosis(
             code="ATT-E140", step=step.label, hook=step.hook, rule=step.rule,
             message=f"shape mismatch in step {step.label}: RoPE rotates pairs of features, "
@@ -147,15 +198,19 @@ def step_rot_k(state: State) -> np.ndarray:
     return _rotate(state, "k")
 
 
+def rotated_q_k(state: State):
+    """Q and K as the scores see them: after RoPE when there is RoPE."""
+    return (state["rot_q"] if "rot_q" in state else state["q"],
+            state["rot_k"] if "rot_k" in state else state["k"])
+
+
 def step_qk(state: State) -> np.ndarray:
-    q = state["rot_q"] if "rot_q" in state else state["q"]
-    k = state["rot_k"] if "rot_k" in state else state["k"]
-    return grouped_scores(q, k)
+    return ops.grouped_scores(*rotated_q_k(state))
 
 
 def step_scaled(state: State) -> np.ndarray:
     scores = state.take("qk")
-    scores *= state.dtype.type(state.plan.scale)
+    scores *= state.dtype.type(state.block.scale)
     if state.plan.positional == "alibi":      # ALiBi: a per-head linear bias on the scaled scores
         _, h, sq, sk = scores.shape
         scores += state.cast(positional.alibi_bias(h, sq, sk))
@@ -164,8 +219,7 @@ def step_scaled(state: State) -> np.ndarray:
 
 def step_mask(state: State) -> np.ndarray:
     plan = state.plan
-    keep = masks.build(state.spec.attention.mask, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
-    return keep
+    return masks.build(state.attention.mask, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
 
 
 def step_attn_scores(state: State) -> np.ndarray:
@@ -175,25 +229,12 @@ def step_attn_scores(state: State) -> np.ndarray:
     return scores
 
 
-def softmax(scores: np.ndarray, axis: int = -1, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Stable softmax; a row whose entries are all -inf gives zeros, not NaN (safe softmax)."""
-    out = scores if out is None else out
-    top = scores.max(axis=axis, keepdims=True)
-    top[~np.isfinite(top)] = 0                    # all-blocked rows: exp(-inf - 0) = 0
-    np.subtract(scores, top, out=out)
-    np.exp(out, out=out)
-    total = out.sum(axis=axis, keepdims=True)
-    total[total == 0] = 1
-    out /= total
-    return out
-
-
 def step_pattern(state: State) -> np.ndarray:
-    return softmax(state.take("attn_scores"))
+    return ops.softmax(state.take("attn_scores"))
 
 
 def step_z(state: State) -> np.ndarray:
-    return grouped_mix(state["pattern"], state["v"])
+    return ops.grouped_mix(state["pattern"], state["v"])
 
 
 def step_z_concat(state: State) -> np.ndarray:
@@ -203,79 +244,131 @@ def step_z_concat(state: State) -> np.ndarray:
 
 
 def step_out(state: State) -> np.ndarray:
-    att = state.spec.attention
+    att = state.attention
     concat = state["z_concat"]
     if att.W_o is None:
         return concat.copy()
-    w = state.cast(att.W_o.data)
-    out = concat @ (w if att.layout == "x_at_w" else w.T)
-    if att.b_o is not None:
-        out += state.cast(att.b_o.data)
-    return out
+    return ops.linear(concat, state.cast(att.W_o.data), state.optional(att.b_o), att.layout)
+
+
+# --------------------------------------------------------------------------- block steps
+
+def step_resid_pre(state: State) -> np.ndarray:
+    return state.stream()
+
+
+def step_ln1(state: State) -> np.ndarray:
+    source = state["resid_pre"] if state.block.placement == "pre" else state["resid_mid"]
+    return _norm(state, state.block_spec.ln1, source)
+
+
+def step_resid_mid(state: State) -> np.ndarray:
+    return state["resid_pre"] + state["out"]
+
+
+def step_ln2(state: State) -> np.ndarray:
+    source = state["resid_mid"] if state.block.placement == "pre" else state["resid_post"]
+    return _norm(state, state.block_spec.ln2, source)
+
+
+def _mlp_input(state: State) -> np.ndarray:
+    if state.block.placement == "pre":
+        return state["ln2"] if "ln2" in state.values else state["resid_mid"]
+    return state["ln1"] if "ln1" in state.values else state["resid_mid"]
+
+
+def _mlp_weight(state: State, name: str):
+    mlp = state.block_spec.mlp
+    return state.optional(mlp.get(name)), mlp.layout
+
+
+def step_mlp_pre(state: State) -> np.ndarray:
+    first = "W_gate" if state.block_spec.mlp.gated else "W_in"
+    weight, layout = _mlp_weight(state, first)
+    bias, _ = _mlp_weight(state, "b_gate" if first == "W_gate" else "b_in")
+    return ops.linear(_mlp_input(state), weight, bias, layout)
+
+
+def step_mlp_post(state: State) -> np.ndarray:
+    mlp = state.block_spec.mlp
+    activated = ops.ACTIVATIONS[mlp.activation](state["mlp_pre"])
+    if not mlp.gated:
+        return activated
+    weight, layout = _mlp_weight(state, "W_up")
+    bias, _ = _mlp_weight(state, "b_up")
+    activated *= ops.linear(_mlp_input(state), weight, bias, layout)
+    return activated
+
+
+def step_mlp_out(state: State) -> np.ndarray:
+    gated = state.block_spec.mlp.gated
+    weight, layout = _mlp_weight(state, "W_down" if gated else "W_out")
+    bias, _ = _mlp_weight(state, "b_down" if gated else "b_out")
+    return ops.linear(state["mlp_post"], weight, bias, layout)
+
+
+def step_resid_post(state: State) -> np.ndarray:
+    base = state["ln1"] if state.block.placement == "post" and "ln1" in state.values else state["resid_mid"]
+    return base + state["mlp_out"]
 
 
 StepFn = Callable[[State], np.ndarray]
 STEP_FUNCTIONS: Dict[str, StepFn] = {
-    "embed": step_embed, "pos": step_pos, "encoder_embed": step_encoder_embed,
+    "embed": step_embed, "pos": step_pos, "embed_norm": step_embed_norm, "encoder_embed": step_encoder_embed,
+    "resid_pre": step_resid_pre, "ln1": step_ln1,
     "q": step_q, "k": step_k, "v": step_v, "rot_q": step_rot_q, "rot_k": step_rot_k,
     "qk": step_qk, "scaled": step_scaled, "mask": step_mask, "attn_scores": step_attn_scores,
     "pattern": step_pattern, "z": step_z, "z_concat": step_z_concat, "out": step_out,
+    "resid_mid": step_resid_mid, "ln2": step_ln2, "mlp_pre": step_mlp_pre, "mlp_post": step_mlp_post,
+    "mlp_out": step_mlp_out, "resid_post": step_resid_post, "ln_final": step_ln_final,
 }
 
 
-# --------------------------------------------------------------------------- run
+# --------------------------------------------------------------------------- execution
 
 Keep = Union[str, Iterable[str], None]
+AfterStep = Callable[[Step, np.ndarray, State, Trace], None]
 
 
-def _keep_set(keep: Keep, plan: Plan) -> Optional[Set[str]]:
+def keep_set(keep: Keep, plan: Plan) -> Optional[Set[str]]:
     """None means 'auto' (small arrays); otherwise the hook names to keep."""
     if keep is None or keep == "auto":
         return None
     if keep == "all":
         return set(plan.hooks)
-    from attntrace.hookpoints import match_hooks
     names: Set[str] = set()
     for pattern in ([keep] if isinstance(keep, str) else keep):
         names.update(match_hooks(pattern, plan.hooks))
     return names
 
 
-def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
-        dtype: str = "float64", overrides: Optional[Dict[str, StepFn]] = None,
-        check: bool = True, on_step: Optional[Callable] = None, spec_hooks: bool = True) -> Trace:
-    """Run attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
+def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dtype: str = "float64",
+            overrides: Optional[Dict[str, StepFn]] = None, after_step: Optional[AfterStep] = None,
+            trace: Optional[Trace] = None) -> Trace:
+    """Run every step of `plan` on `spec` and return the Trace.
 
-    hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
-    spec_hooks: also apply the spec's own `hooks:` list (first, before `hooks`).
-    on_step: called as on_step(step, array, trace) after each step (`run --step`).
+    hookset: the run's hooks (fired after each step, before anything reads the array).
     keep: "auto" (arrays up to 1M values), "all", or hook names/patterns to keep.
-    dtype: "float64" (default) or "float32".
-    overrides: step key -> replacement function (how bugs are injected).
+    overrides: step key -> replacement function (how bugs are injected), in every block.
+    after_step(step, array, state, trace): called after each step with the live array,
+    before an in-place step may reuse its buffer (checks, the stepper).
     """
-    from attntrace.analysis.diagnose import preflight
-    spec = load_spec(spec)
-    plan = plan_from_spec(spec)
-    shape_warnings = preflight(spec, plan)      # raises ShapeError; returns what sizes cannot settle
     np_dtype = np.dtype(dtype)
     state = State(spec, plan, np_dtype)
-    if spec_hooks and spec.hooks:
-        from attntrace.analysis.actions import hooks_from_spec
-        hooks = hooks_from_spec(spec) + list(hooks)
-    hookset = HookSet(hooks, plan.hooks)
-    wanted = _keep_set(keep, plan)
-    trace = Trace(spec=spec, plan=plan, dtype=np_dtype.name)
-    trace.diagnoses.extend(shape_warnings if check else [])
-    ctx = checks_mod.CheckContext(plan, state.values, trace, spec)
+    wanted = keep_set(keep, plan)
+    trace = trace if trace is not None else Trace(spec=spec, plan=plan, dtype=np_dtype.name)
     functions = dict(STEP_FUNCTIONS, **(overrides or {}))
+    block_outputs = {id(steps[-1]) for steps in _steps_by_layer(plan).values()}
     for step in plan.steps:
+        if step.layer is not None and step.layer != state.layer:
+            state.enter(step.layer)
         array = functions[step.key](state)
         array = hookset.fire(step.hook, array)
-        state.values[step.key] = array
+        state.store(step, array)
         keep_it = step.hook in hookset.hooked or (
             array.size <= AUTO_KEEP_ELEMENTS if wanted is None else step.hook in wanted)
         if keep_it:
-            state.protected.add(step.key)
+            state.protect(step)
             trace.arrays[step.hook] = array
         else:
             rows, cols, _ = point_of(step.hook).display
@@ -284,26 +377,30 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
                                              standard=step.key not in (overrides or {}) and
                                              step.hook not in hookset.hooked)
         if step.key == "pattern":
-            trace.winners = row_winners(array)
-            trace.row_sums = array.sum(axis=-1, dtype=np.float64)
-        if check:
-            found, passed = checks_mod.run_step_checks(step.key, ctx)
-            trace.diagnoses.extend(found)
-            trace.checks_passed.extend(passed)
+            trace.winners[step.hook] = row_winners(array)
+            trace.row_sums[step.hook] = array.sum(axis=-1, dtype=np.float64)
+        if after_step is not None:
+            after_step(step, array, state, trace)
+        if id(step) in block_outputs:       # the next block (or the final norm) reads it
+            state.block_output = array
         _release(state, step.key)
-        if on_step is not None:
-            on_step(step, array, trace)
-    if check and not any(d.code == "ATT-W204" for d in trace.diagnoses):
-        trace.checks_passed.append("no NaN or inf in any step")
     return trace
 
 
-def _step_stats(step, array: np.ndarray, state: State, trace: Trace, standard: bool):
+def _steps_by_layer(plan: Plan) -> Dict[int, list]:
+    by_layer: Dict[int, list] = {}
+    for step in plan.steps:
+        if step.layer is not None:
+            by_layer.setdefault(step.layer, []).append(step)
+    return by_layer
+
+
+def _step_stats(step: Step, array: np.ndarray, state: State, trace: Trace, standard: bool):
     """Stats of a step's result, skipping passes over score-sized arrays where the
     engine knows the answer: the standard scale step multiplies by a positive
     factor, and masked scores hold -inf exactly where the mask blocks."""
-    if step.key == "scaled" and standard and state.plan.positional != "alibi" and state.plan.scale > 0:
-        return scaled_stats(trace.stats["attn.hook_qk"], state.plan.scale)
+    if step.key == "scaled" and standard and state.plan.positional != "alibi" and state.block.scale > 0:
+        return scaled_stats(trace.stats[state.plan.step("qk", step.layer).hook], state.block.scale)
     if step.key == "attn_scores" and "mask" in state:
         return array_stats(array, valid=state["mask"], trusted=standard)
     return array_stats(array)
@@ -316,5 +413,5 @@ _LAST_READER = {"qk": "scaled", "scaled": "attn_scores", "attn_scores": "pattern
 def _release(state: State, finished: str) -> None:
     for key, last in _LAST_READER.items():
         if last == finished and key in state.values and key not in state.protected:
-            # checks of the finished step have run; the buffer was reused in place
+            # the checks of the finished step have run; the buffer was reused in place
             del state.values[key]

@@ -14,10 +14,11 @@ seq_q > seq_k the first seq_q − seq_k queries see no key.  Kinds combine with 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from attntrace.core.ops import softmax
 
 BLOCKED = -np.inf
 LARGE_NEGATIVE = -1e9               # what seeds 001 and 004 (and many tutorials) add instead of -inf
@@ -88,38 +89,6 @@ def additive(keep: np.ndarray, blocked: float = BLOCKED) -> np.ndarray:
     return np.where(keep, 0.0, blocked)
 
 
-@dataclass(frozen=True)
-class ConventionNote:
-    """How one convention writes "may attend" and "blocked", and who uses it."""
-
-    name: str
-    allowed: str
-    blocked: str
-    used_by: str
-    apply: str          # how the mask meets the scores
-
-
-CONVENTION_NOTES: Tuple[ConventionNote, ...] = (
-    ConventionNote("keep", "True / 1", "False / 0",
-                   "PyTorch F.scaled_dot_product_attention (boolean attn_mask); the Annotated "
-                   "Transformer and seed 001 (masked_fill(mask == 0, -1e9)); attntrace's attn.hook_mask",
-                   "scores.masked_fill(~mask, -inf)"),
-    ConventionNote("ignore", "False / 0", "True / 1",
-                   "nn.MultiheadAttention / nn.Transformer key_padding_mask and boolean attn_mask; "
-                   "seed 004's create_padding_mask (seq == pad) and create_causal_mask (np.triu(.., k=1))",
-                   "scores.masked_fill(mask, -inf)"),
-    ConventionNote("additive", "0", "-inf",
-                   "float attn_mask in PyTorch (SDPA, nn.MultiheadAttention); "
-                   "nn.Transformer.generate_square_subsequent_mask",
-                   "scores + mask"),
-    ConventionNote("additive-1e9", "0", "-1e9 (a large negative)",
-                   "seed 004's numpy code (scores + mask · -1e9); older TensorFlow/BERT code (-10000); "
-                   "Hugging Face uses torch.finfo(dtype).min",
-                   "scores + mask"),
-)
-CONVENTION_BY_NAME: Dict[str, ConventionNote] = {c.name: c for c in CONVENTION_NOTES}
-
-
 def fully_masked_row_outcomes(seq_k: int) -> Dict[str, np.ndarray]:
     """What softmax gives a query row whose every key is blocked, written three ways.
 
@@ -128,7 +97,6 @@ def fully_masked_row_outcomes(seq_k: int) -> Dict[str, np.ndarray]:
           the query silently attends to padding.  (In float16, -1e9 overflows to -inf.)
     -inf with a safe softmax (attntrace; PyTorch SDPA's _safe_softmax): all zeros.
     """
-    from attntrace.core.engine import softmax
     blocked_inf = np.full(seq_k, BLOCKED)
     with np.errstate(invalid="ignore"):
         shifted = blocked_inf - blocked_inf.max()
@@ -180,23 +148,6 @@ def build(mask_spec, batch: int, seq_q: int, seq_k: int) -> Optional[np.ndarray]
                    prefix=mask_spec.prefix, matrix_keep=matrix)
 
 
-def describe_kinds(causal_: bool = False, padding_rows: int = 0, window_size: Optional[int] = None,
-                   prefix: Optional[int] = None, matrix: bool = False) -> str:
-    """A one-line name of a combination of mask kinds ("causal + window=3 + padding")."""
-    parts = []
-    if prefix:
-        parts.append(f"prefix-LM (prefix={prefix})")
-    elif causal_:
-        parts.append("causal")
-    if window_size:
-        parts.append(f"sliding window={window_size}" + (" (looking back)" if causal_ or prefix else " (both sides)"))
-    if padding_rows:
-        parts.append("padding" + (f" ({padding_rows} batch items)" if padding_rows > 1 else ""))
-    if matrix:
-        parts.append("explicit matrix")
-    return " AND ".join(parts) or "none (every query sees every key)"
-
-
 # --------------------------------------------------------------------------- reading a mask
 
 def empty_rows(keep: np.ndarray) -> List[Tuple[int, int]]:
@@ -224,70 +175,3 @@ def query_labels(key_tokens: Sequence[str], seq_q: int) -> List[str]:
     queries before the first key (seq_q > seq_k) are labelled by their position."""
     offset = len(key_tokens) - seq_q
     return [key_tokens[offset + i] if offset + i >= 0 else str(offset + i) for i in range(seq_q)]
-
-
-# --------------------------------------------------------------------------- a mask and its effect
-
-@dataclass
-class MaskPicture:
-    """Everything `attntrace mask` shows, computed here so renderers only lay it out."""
-
-    keep: np.ndarray                    # (batch or 1, 1, seq_q, seq_k), True = may attend
-    description: str
-    query_tokens: List[str]
-    key_tokens: List[str]
-    convention: str = "additive"        # the form printed next to the grid
-
-    @property
-    def batch(self) -> int:
-        return self.keep.shape[0]
-
-    @property
-    def seq_q(self) -> int:
-        return self.keep.shape[2]
-
-    @property
-    def seq_k(self) -> int:
-        return self.keep.shape[3]
-
-    def in_convention(self, convention: Optional[str] = None) -> np.ndarray:
-        return to_convention(self.keep, convention or self.convention)
-
-    @property
-    def empty_rows(self) -> List[Tuple[int, int]]:
-        return empty_rows(self.keep)
-
-    @property
-    def visible(self) -> np.ndarray:
-        return visible_counts(self.keep)
-
-    def row_name(self, batch_item: int, query: int) -> str:
-        token = self.query_tokens[query] if query < len(self.query_tokens) else str(query)
-        where = f"query {query}" if token == str(query) else f"query {query} '{token}'"
-        return f"{where} of batch item {batch_item}" if self.batch > 1 else where
-
-
-def without_mask(spec):
-    """A copy of the spec with no mask (the arrays are shared, not copied)."""
-    return _with_mask_spec(spec, type(spec.attention.mask)(location=spec.attention.mask.location))
-
-
-def with_keep(spec, keep: np.ndarray):
-    """A copy of the spec whose mask is the explicit (batch or 1, 1, seq_q, seq_k) `keep`."""
-    from attntrace.inputs.spec import Array, MaskSpec
-    location = spec.attention.mask.location
-    matrix = keep[0, 0] if keep.shape[0] == 1 else keep[:, 0]
-    return _with_mask_spec(spec, MaskSpec(matrix=Array("mask", matrix, location), location=location))
-
-
-def _with_mask_spec(spec, mask_spec):
-    from dataclasses import replace
-    return replace(spec, attention=replace(spec.attention, mask=mask_spec))
-
-
-def before_after(spec, keep: Optional[np.ndarray] = None):
-    """Traces of `spec` run without any mask and with `keep` (default: the spec's own mask)."""
-    from attntrace.core.engine import run
-    masked = spec if keep is None else with_keep(spec, keep)
-    return (run(without_mask(spec), keep={"attn.hook_pattern"}),
-            run(masked, keep={"attn.hook_pattern", "attn.hook_mask"}))

@@ -7,11 +7,11 @@ checks a spec's arrays against it before numpy ever runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from attntrace.errors import Location
-from attntrace.hookpoints import HOOKS_BY_NAME, HookPoint
+from attntrace.hookpoints import HookPoint, full_name, point_of
 
 
 @dataclass
@@ -30,17 +30,18 @@ class Dim:
 
 @dataclass
 class Step:
-    key: str                             # engine step name: "q", "qk", "pattern" ...
-    hook: str
+    key: str                             # engine step name: "q", "qk", "pattern", "ln1", "mlp_pre" ...
+    hook: str                            # full hook name: "attn.hook_q" or "blocks.2.attn.hook_q"
     title: str                           # "scores = Q·Kᵀ"
     rule: str                            # "(seq_q×d_head)·(d_head×seq_k) → (seq_q×seq_k)"
     inputs: Tuple[str, ...] = ()         # names of the operands, for display
     number: int = 0                      # 1-based, set by the plan
     total: int = 0
+    layer: Optional[int] = None          # the block it belongs to; None for embeddings and the final norm
 
     @property
     def point(self) -> HookPoint:
-        return HOOKS_BY_NAME[self.hook]
+        return point_of(self.hook)
 
     @property
     def axes(self) -> Tuple[str, ...]:
@@ -52,16 +53,59 @@ class Step:
 
 
 @dataclass
+class BlockPlan:
+    """What one block computes, beyond the sizes every block shares."""
+
+    scale: float = 1.0
+    scale_text: str = "1/√d_head"
+    layout: str = "x_at_w"
+    masked: bool = False
+    has_w_o: bool = True
+    placement: str = "none"              # none (a single attention layer) | pre | post
+    ln1: Optional[str] = None            # norm kind, or None
+    ln2: Optional[str] = None
+    mlp: Optional[str] = None            # None | plain | gated
+    activation: str = "gelu"
+    residual: bool = False
+
+
+@dataclass
 class Plan:
     dims: Dict[str, Dim]
     steps: List[Step]
+    blocks: List[BlockPlan] = field(default_factory=lambda: [BlockPlan()])
     cross: bool = False
-    masked: bool = False
     positional: str = "none"
-    scale: float = 1.0
-    scale_text: str = "1/√d_head"
-    has_w_o: bool = True
-    layout: str = "x_at_w"
+    named_blocks: bool = False           # hooks named blocks.L.* (a spec of blocks, a model)
+
+    # The first block's options: for a single attention layer, *the* options.  Code that
+    # works per block (engine, checks, diagnosis) reads plan.block(layer) instead.
+    @property
+    def scale(self) -> float:
+        return self.blocks[0].scale
+
+    @property
+    def scale_text(self) -> str:
+        return self.blocks[0].scale_text
+
+    @property
+    def layout(self) -> str:
+        return self.blocks[0].layout
+
+    @property
+    def masked(self) -> bool:
+        return self.blocks[0].masked
+
+    @property
+    def has_w_o(self) -> bool:
+        return self.blocks[0].has_w_o
+
+    def block(self, layer: Optional[int]) -> BlockPlan:
+        return self.blocks[layer or 0]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
 
     def size(self, axis: str) -> int:
         if axis == "1":
@@ -73,9 +117,10 @@ class Plan:
     def shape(self, axes: Sequence[str]) -> Tuple[int, ...]:
         return tuple(self.size(a) for a in axes)
 
-    def step(self, key: str) -> Step:
+    def step(self, key: str, layer: Optional[int] = None) -> Step:
+        """The step `key` of block `layer` (default: the first step of that key)."""
         for step in self.steps:
-            if step.key == key:
+            if step.key == key and (layer is None or step.layer == layer):
                 return step
         raise KeyError(key)
 
@@ -92,22 +137,31 @@ class Plan:
     def flops(self, step: Step) -> int:
         """Floating-point operations of a step (a multiply-add counts 2)."""
         d = self.size
+        block = self.block(step.layer)
         b, h, q, k = d("batch"), d("n_heads"), d("seq_q"), d("seq_k")
+        tokens = b * q
+        mlp_width = d("d_mlp") if "d_mlp" in self.dims else 0
         per_step = {
-            "embed": 0, "encoder_embed": 0, "mask": 0,
-            "pos": b * q * d("d_model"),
-            "q": 2 * b * q * d("d_model") * h * d("d_head"),
+            "embed": 0, "encoder_embed": 0, "mask": 0, "resid_pre": 0,
+            "pos": tokens * d("d_model"),
+            "embed_norm": 8 * tokens * d("d_model"), "ln1": 8 * tokens * d("d_model"),
+            "ln2": 8 * tokens * d("d_model"), "ln_final": 8 * tokens * d("d_model"),
+            "q": 2 * tokens * d("d_model") * h * d("d_head"),
             "k": 2 * b * k * d("d_model") * d("n_kv_heads") * d("d_head"),
             "v": 2 * b * k * d("d_model") * d("n_kv_heads") * d("d_v"),
-            "rot_q": 3 * b * q * h * d("d_head"),
+            "rot_q": 3 * tokens * h * d("d_head"),
             "rot_k": 3 * b * k * d("n_kv_heads") * d("d_head"),
             "qk": 2 * b * h * q * k * d("d_head"),
             "scaled": (2 if self.positional == "alibi" else 1) * b * h * q * k,   # ALiBi adds a bias
-            "attn_scores": b * h * q * k if self.masked else 0,                   # one select per score
+            "attn_scores": b * h * q * k if block.masked else 0,                  # one select per score
             "pattern": 5 * b * h * q * k,          # max, subtract, exp, sum, divide
             "z": 2 * b * h * q * k * d("d_v"),
             "z_concat": 0,
-            "out": 2 * b * q * h * d("d_v") * d("d_out") if self.has_w_o else 0,
+            "out": 2 * tokens * h * d("d_v") * d("d_out") if block.has_w_o else 0,
+            "resid_mid": tokens * d("d_model"), "resid_post": tokens * d("d_model"),
+            "mlp_pre": (4 if block.mlp == "gated" else 2) * tokens * d("d_model") * mlp_width,
+            "mlp_post": 10 * tokens * mlp_width,
+            "mlp_out": 2 * tokens * mlp_width * d("d_model"),
         }
         return per_step[step.key]
 
@@ -119,21 +173,11 @@ class Plan:
         return n * (1 if step.key == "mask" else itemsize)
 
 
-def build_plan(*, batch: Dim, seq_q: Dim, seq_k: Dim, d_model: Dim, n_heads: Dim, n_kv_heads: Dim,
-               d_head: Dim, d_v: Dim, d_out: Dim, cross: bool = False, masked: bool = False,
-               positional: str = "none", scale: float = 1.0, scale_text: str = "1/√d_head",
-               has_w_o: bool = True, layout: str = "x_at_w") -> Plan:
-    """Lay out the steps for the given sizes and options."""
-    wt = "ᵀ" if layout == "linear" else ""
+def attention_steps(block: BlockPlan, *, cross: bool, positional: str) -> List[Step]:
+    """The steps of one attention layer, from the projections to the output (hooks named locally)."""
+    wt = "ᵀ" if block.layout == "linear" else ""
     src_k = "X_enc" if cross else "X"
-    steps: List[Step] = [Step("embed", "hook_embed", "X = embeddings", "(seq_q×d_model)")]
-    if positional in ("sinusoidal", "learned"):
-        steps.append(Step("pos", "hook_pos_embed", f"X = X + PE ({positional})",
-                          "(seq_q×d_model) + (seq_q×d_model) → (seq_q×d_model)", ("X", "PE")))
-    if cross:
-        steps.append(Step("encoder_embed", "hook_encoder_embed", "X_enc = encoder embeddings",
-                          "(seq_k×d_model)"))
-    steps += [
+    steps = [
         Step("q", "attn.hook_q", f"Q = X·W_q{wt}, split heads",
              "(seq_q×d_model)·(d_model×n_heads·d_head) → (seq_q×n_heads×d_head)", ("X", "W_q")),
         Step("k", "attn.hook_k", f"K = {src_k}·W_k{wt}, split heads",
@@ -144,33 +188,118 @@ def build_plan(*, batch: Dim, seq_q: Dim, seq_k: Dim, d_model: Dim, n_heads: Dim
     if positional == "rope":
         steps += [Step("rot_q", "attn.hook_rot_q", "Q = RoPE(Q)", "(seq_q×d_head) → (seq_q×d_head)", ("Q",)),
                   Step("rot_k", "attn.hook_rot_k", "K = RoPE(K)", "(seq_k×d_head) → (seq_k×d_head)", ("K",))]
-    scale_title = {"none": "scaled = scores (no scale)"}.get(scale_text, f"scaled = scores · {scale_text}")
+    scale_title = {"none": "scaled = scores (no scale)"}.get(block.scale_text, f"scaled = scores · {block.scale_text}")
     if positional == "alibi":
         scale_title += " + ALiBi"
     steps += [
         Step("qk", "attn.hook_qk", "scores = Q·Kᵀ", "(seq_q×d_head)·(d_head×seq_k) → (seq_q×seq_k)", ("Q", "K")),
         Step("scaled", "attn.hook_scaled", scale_title, "(seq_q×seq_k) → (seq_q×seq_k)", ("scores",)),
     ]
-    if masked:
+    if block.masked:
         steps.append(Step("mask", "attn.hook_mask", "mask (True = may attend)", "(seq_q×seq_k)"))
     steps += [
         Step("attn_scores", "attn.hook_attn_scores",
-             "masked = where(mask, scaled, −∞)" if masked else "masked = scaled (no mask)",
-             "(seq_q×seq_k) → (seq_q×seq_k)", ("scaled", "mask") if masked else ("scaled",)),
+             "masked = where(mask, scaled, −∞)" if block.masked else "masked = scaled (no mask)",
+             "(seq_q×seq_k) → (seq_q×seq_k)", ("scaled", "mask") if block.masked else ("scaled",)),
         Step("pattern", "attn.hook_pattern", "weights = softmax(masked) over seq_k",
              "(seq_q×seq_k) → (seq_q×seq_k), rows sum to 1", ("masked",)),
         Step("z", "attn.hook_z", "z = weights·V", "(seq_q×seq_k)·(seq_k×d_v) → (seq_q×d_v)", ("weights", "V")),
         Step("z_concat", "attn.hook_z_concat", "concat heads",
              "(seq_q×n_heads×d_v) → (seq_q×n_heads·d_v)", ("z",)),
-        Step("out", "hook_attn_out", f"out = concat·W_o{wt}" if has_w_o else "out = concat (no W_o)",
-             "(seq_q×n_heads·d_v)·(n_heads·d_v×d_out) → (seq_q×d_out)" if has_w_o else
-             "(seq_q×n_heads·d_v) → (seq_q×d_out), d_out = n_heads·d_v", ("concat", "W_o") if has_w_o else ("concat",)),
+        Step("out", "hook_attn_out", f"out = concat·W_o{wt}" if block.has_w_o else "out = concat (no W_o)",
+             "(seq_q×n_heads·d_v)·(n_heads·d_v×d_out) → (seq_q×d_out)" if block.has_w_o else
+             "(seq_q×n_heads·d_v) → (seq_q×d_out), d_out = n_heads·d_v", ("concat", "W_o") if block.has_w_o else ("concat",)),
     ]
+    return steps
+
+
+_NORM_NAMES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+_RESIDUAL_RULE = "(seq×d_model) + (seq×d_model) → (seq×d_model)"
+_NORM_RULE = "(seq×d_model) → (seq×d_model), per token"
+
+
+def _norm_step(key: str, hook: str, kind: str, source: str) -> Step:
+    return Step(key, hook, f"X = {_NORM_NAMES[kind]}({source})", _NORM_RULE, (source,))
+
+
+def block_steps(block: BlockPlan, layer: int, *, cross: bool, positional: str) -> List[Step]:
+    """One transformer block's steps in execution order; its last step is the block's output."""
+    if block.placement == "none":
+        return attention_steps(block, cross=cross, positional=positional)
+    pre, post = block.placement == "pre", block.placement == "post"
+    source = "embeddings" if layer == 0 else f"block {layer - 1}"
+    steps = [Step("resid_pre", "hook_resid_pre", f"resid_pre = the output of {source}", "(seq×d_model)")]
+    if pre and block.ln1:
+        steps.append(_norm_step("ln1", "ln1.hook_normalized", block.ln1, "resid_pre"))
+    steps += attention_steps(block, cross=cross, positional=positional)
+    if block.residual:
+        steps.append(Step("resid_mid", "hook_resid_mid", "resid_mid = resid_pre + attn_out", _RESIDUAL_RULE,
+                          ("resid_pre", "out")))
+    if post and block.ln1:
+        steps.append(_norm_step("ln1", "ln1.hook_normalized", block.ln1, "resid_mid"))
+    if block.mlp:
+        mlp_in = "X"
+        if pre and block.ln2:
+            steps.append(_norm_step("ln2", "ln2.hook_normalized", block.ln2, "resid_mid"))
+        if block.mlp == "gated":
+            steps += [Step("mlp_pre", "mlp.hook_pre", f"pre = {mlp_in}·W_gate",
+                           "(seq×d_model)·(d_model×d_mlp) → (seq×d_mlp)", (mlp_in, "W_gate")),
+                      Step("mlp_post", "mlp.hook_post", f"post = {block.activation}(pre) ⊙ {mlp_in}·W_up",
+                           "(seq×d_mlp) ⊙ (seq×d_mlp) → (seq×d_mlp)", ("pre", "W_up")),
+                      Step("mlp_out", "hook_mlp_out", "mlp_out = post·W_down",
+                           "(seq×d_mlp)·(d_mlp×d_model) → (seq×d_model)", ("post", "W_down"))]
+        else:
+            steps += [Step("mlp_pre", "mlp.hook_pre", f"pre = {mlp_in}·W_in + b_in",
+                           "(seq×d_model)·(d_model×d_mlp) → (seq×d_mlp)", (mlp_in, "W_in")),
+                      Step("mlp_post", "mlp.hook_post", f"post = {block.activation}(pre)",
+                           "(seq×d_mlp) → (seq×d_mlp)", ("pre",)),
+                      Step("mlp_out", "hook_mlp_out", "mlp_out = post·W_out + b_out",
+                           "(seq×d_mlp)·(d_mlp×d_model) → (seq×d_model)", ("post", "W_out"))]
+        if block.residual:
+            base = "ln1" if post and block.ln1 else "resid_mid"
+            steps.append(Step("resid_post", "hook_resid_post", f"resid_post = {base} + mlp_out", _RESIDUAL_RULE,
+                              (base, "mlp_out")))
+        if post and block.ln2:
+            steps.append(_norm_step("ln2", "ln2.hook_normalized", block.ln2, "resid_post"))
+    for step in steps:
+        step.layer = layer
+    return steps
+
+
+def build_plan(*, batch: Dim, seq_q: Dim, seq_k: Dim, d_model: Dim, n_heads: Dim, n_kv_heads: Dim,
+               d_head: Dim, d_v: Dim, d_out: Dim, cross: bool = False, masked: bool = False,
+               positional: str = "none", scale: float = 1.0, scale_text: str = "1/√d_head",
+               has_w_o: bool = True, layout: str = "x_at_w", blocks: Optional[List[BlockPlan]] = None,
+               d_mlp: Optional[Dim] = None, embed_norm: Optional[str] = None,
+               final_norm: Optional[str] = None) -> Plan:
+    """Lay out the steps for the given sizes and options.
+
+    Without `blocks`: one attention layer with the given options (short hook names).
+    With `blocks`: transformer blocks (hooks named blocks.L.*)."""
+    named = blocks is not None
+    if blocks is None:
+        blocks = [BlockPlan(scale=scale, scale_text=scale_text, layout=layout, masked=masked, has_w_o=has_w_o)]
+    steps: List[Step] = [Step("embed", "hook_embed", "X = embeddings", "(seq_q×d_model)")]
+    if positional in ("sinusoidal", "learned"):
+        steps.append(Step("pos", "hook_pos_embed", f"X = X + PE ({positional})",
+                          "(seq_q×d_model) + (seq_q×d_model) → (seq_q×d_model)", ("X", "PE")))
+    if embed_norm:
+        steps.append(_norm_step("embed_norm", "embed.ln.hook_normalized", embed_norm, "X"))
+    if cross:
+        steps.append(Step("encoder_embed", "hook_encoder_embed", "X_enc = encoder embeddings",
+                          "(seq_k×d_model)"))
+    for layer, block in enumerate(blocks):
+        for step in block_steps(block, layer, cross=cross, positional=positional):
+            step.layer = layer
+            step.hook = full_name(step.hook, layer if named else None)
+            steps.append(step)
+    if final_norm:
+        steps.append(_norm_step("ln_final", "ln_final.hook_normalized", final_norm, "resid"))
     for number, step in enumerate(steps, start=1):
         step.number, step.total = number, len(steps)
-    dims = {d.name: d for d in (batch, seq_q, seq_k, d_model, n_heads, n_kv_heads, d_head, d_v, d_out)}
-    return Plan(dims=dims, steps=steps, cross=cross, masked=masked, positional=positional, scale=scale,
-                scale_text=scale_text, has_w_o=has_w_o, layout=layout)
+    dims = {d.name: d for d in (batch, seq_q, seq_k, d_model, n_heads, n_kv_heads, d_head, d_v, d_out, d_mlp)
+            if d is not None}
+    return Plan(dims=dims, steps=steps, blocks=blocks, cross=cross, positional=positional, named_blocks=named)
 
 
 def plan_from_sizes(*, seq: int, d_model: int, heads: int, batch: int = 1, kv_heads: Optional[int] = None,
@@ -203,9 +332,12 @@ def plan_from_spec(spec) -> Plan:
     """Bind every axis size from the spec's arrays, remembering which field bound it.
 
     Binding never fails: when arrays disagree, the first source wins and
-    :func:`attntrace.diagnose.preflight` reports the conflict against it.
+    :func:`attntrace.analysis.diagnose.preflight` reports the conflict against it.
+    In a spec of blocks the sizes come from the first block; the diagnosis
+    checks every other block against them.
     """
-    att = spec.attention
+    att = spec.attention_of(0)
+    where = "blocks[0].attention" if spec.is_model else "attention"
     X = spec.source.embeddings
     loc = spec.locate
     batch = Dim("batch", X.shape[0] if X.data.ndim == 3 else 1, "embeddings (batch axis)", X.location)
@@ -215,13 +347,13 @@ def plan_from_spec(spec) -> Plan:
         seq_k = Dim("seq_k", len(spec.encoder.tokens), "encoder.tokens", spec.encoder.tokens_location)
     else:
         seq_k = Dim("seq_k", seq_q.size, "tokens (self-attention: seq_k = seq_q)", seq_q.location)
-    n_heads = Dim("n_heads", att.heads, "attention.heads", att.locations.get("heads", att.locations["attention"]))
+    n_heads = Dim("n_heads", att.heads, f"{where}.heads", att.locations.get("heads", att.locations["attention"]))
     kv = att.kv_heads or att.heads
-    n_kv_heads = Dim("n_kv_heads", kv, "attention.kv_heads" if att.kv_heads else "attention.heads (no kv_heads)",
+    n_kv_heads = Dim("n_kv_heads", kv, f"{where}.kv_heads" if att.kv_heads else f"{where}.heads (no kv_heads)",
                      att.locations.get("kv_heads", n_heads.location))
     side = "columns" if att.layout == "x_at_w" else "rows (layout: linear)"
     if att.d_head:
-        d_head = Dim("d_head", att.d_head, "attention.d_head", att.locations.get("d_head"))
+        d_head = Dim("d_head", att.d_head, f"{where}.d_head", att.locations.get("d_head"))
     else:
         d_head = Dim("d_head", max(output_width(att.W_q.shape, att.layout) // att.heads, 1),
                      f"W_q {side} / heads", att.W_q.location)
@@ -230,14 +362,35 @@ def plan_from_spec(spec) -> Plan:
     if att.W_o is not None:
         d_out = Dim("d_out", output_width(att.W_o.shape, att.layout), f"W_o {side}", att.W_o.location)
     else:
-        d_out = Dim("d_out", att.heads * d_v.size, "n_heads·d_v (no W_o)", loc(["attention"]))
+        d_out = Dim("d_out", att.heads * d_v.size, "n_heads·d_v (no W_o)", loc(where.split(".")))
+    blocks = [block_plan(block, d_head.size) for block in spec.blocks]
+    d_mlp = None
+    mlp = next((b.mlp for b in spec.blocks if b.mlp is not None), None)
+    if mlp is not None:
+        first = mlp.get("W_gate") or mlp.get("W_in")
+        d_mlp = Dim("d_mlp", output_width(first.shape, mlp.layout), f"{first.name} "
+                    f"{'columns' if mlp.layout == 'x_at_w' else 'rows (layout: linear)'}", first.location)
+    return build_plan(batch=batch, seq_q=seq_q, seq_k=seq_k, d_model=d_model, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, d_head=d_head, d_v=d_v, d_out=d_out, cross=spec.is_cross,
+                      positional=spec.positional.kind, blocks=blocks if spec.is_model else None,
+                      scale=blocks[0].scale, scale_text=blocks[0].scale_text, masked=blocks[0].masked,
+                      has_w_o=blocks[0].has_w_o, layout=blocks[0].layout, d_mlp=d_mlp,
+                      embed_norm=spec.embed_norm.kind if spec.embed_norm else None,
+                      final_norm=spec.final_norm.kind if spec.final_norm else None)
+
+
+def block_plan(block, d_head: int) -> BlockPlan:
+    """The options of one block of a spec (its attention's scale, layout and mask; norms; MLP)."""
+    att = block.attention
     if att.scale == "auto":
-        scale, text = d_head.size ** -0.5, "1/√d_head"
+        scale, text = (att.d_head or d_head) ** -0.5, "1/√d_head"
     elif att.scale == "none":
         scale, text = 1.0, "none"
     else:
         scale, text = float(att.scale), f"{float(att.scale):g}"
-    return build_plan(batch=batch, seq_q=seq_q, seq_k=seq_k, d_model=d_model, n_heads=n_heads,
-                      n_kv_heads=n_kv_heads, d_head=d_head, d_v=d_v, d_out=d_out, cross=spec.is_cross,
-                      masked=not att.mask.is_empty, positional=spec.positional.kind, scale=scale,
-                      scale_text=text, has_w_o=att.W_o is not None, layout=att.layout)
+    mlp = block.mlp
+    return BlockPlan(scale=scale, scale_text=text, layout=att.layout, masked=not att.mask.is_empty,
+                     has_w_o=att.W_o is not None, placement=block.placement,
+                     ln1=block.ln1.kind if block.ln1 else None, ln2=block.ln2.kind if block.ln2 else None,
+                     mlp=None if mlp is None else ("gated" if mlp.gated else "plain"),
+                     activation=mlp.activation if mlp else "gelu", residual=block.residual)

@@ -11,6 +11,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 
+PREVIEW_EDGE = 4                 # rows/columns kept at each end of a big array
+
+
 @dataclass
 class Stats:
     shape: Tuple[int, ...]

@@ -18,8 +18,8 @@ class Trace:
     arrays: Dict[str, np.ndarray] = field(default_factory=dict)     # kept hooks only
     stats: Dict[str, Stats] = field(default_factory=dict)           # every hook
     previews: Dict[str, Preview] = field(default_factory=dict)      # big hooks not kept
-    winners: Optional[Tuple[np.ndarray, np.ndarray]] = None         # pattern: per-row max, argmax
-    row_sums: Optional[np.ndarray] = None                           # pattern: per-row sum of weights
+    winners: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # pattern hook: row max, argmax
+    row_sums: Dict[str, np.ndarray] = field(default_factory=dict)   # pattern hook: per-row sum of weights
     diagnoses: List[Diagnosis] = field(default_factory=list)
     checks_passed: List[str] = field(default_factory=list)        # what the clean checks verified
 

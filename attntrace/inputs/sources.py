@@ -17,12 +17,27 @@ from __future__ import annotations
 import difflib
 import numbers
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from attntrace.errors import Location, input_error
+
+@dataclass
+class Array:
+    """An array from the spec with the place it was written."""
+
+    name: str
+    data: np.ndarray
+    location: Location
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+
 
 SOURCE_KINDS = ("npy", "npz", "safetensors", "random", "identity")
 MAX_ELEMENTS = 2 ** 31   # beyond this an array cannot be a sensible attention operand

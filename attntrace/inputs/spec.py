@@ -17,31 +17,27 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from attntrace.errors import Location, input_error
-from attntrace.inputs.sources import SOURCE_KINDS, SourceContext, describe_value, load_array, nested_shape
+from attntrace.hookpoints import resolve_hook_name
+from attntrace.text import did_you_mean
+from attntrace.inputs.expectations import Expectation, read_expectations
+from attntrace.inputs.sources import SOURCE_KINDS, Array, SourceContext, describe_value, load_array, nested_shape
 from attntrace.inputs.yamlload import Document, format_path, load_file
 
 SPEC_VERSION = 1
 
 TOP_KEYS = ("version", "name", "description", "tokens", "embeddings", "encoder", "attention",
-            "positional", "expect", "hooks", "grad")
+            "positional", "expect", "hooks", "grad", "blocks", "mask", "embed_norm", "ln_final")
+BLOCK_KEYS = ("attention", "norm", "ln1", "ln2", "mlp", "residual")
+NORM_KINDS = ("layernorm", "rmsnorm")
+PLACEMENTS = ("pre", "post")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+PLAIN_MLP = ("W_in", "b_in", "W_out", "b_out")
+GATED_MLP = ("W_gate", "W_up", "W_down", "b_gate", "b_up", "b_down")
 ATTENTION_KEYS = ("heads", "kv_heads", "d_head", "W_q", "W_k", "W_v", "W_o",
                   "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask")
 MASK_KEYS = ("causal", "padding", "window", "prefix", "matrix", "convention")
 POSITIONAL_KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
 LAYOUTS = ("x_at_w", "linear")
-
-
-@dataclass
-class Array:
-    """An array from the spec with the place it was written."""
-
-    name: str
-    data: np.ndarray
-    location: Location
-
-    @property
-    def shape(self):
-        return self.data.shape
 
 
 @dataclass
@@ -106,22 +102,58 @@ class AttentionSpec:
 
 
 @dataclass
+class NormSpec:
+    """One LayerNorm or RMSNorm: y = (x − mean) / √(var + eps) · weight + bias (RMSNorm: no mean, no bias)."""
+
+    kind: str                            # layernorm | rmsnorm
+    weight: Optional[Array] = None       # (d_model,); None: ones
+    bias: Optional[Array] = None         # (d_model,); None: zeros
+    eps: float = 1e-5
+    location: Optional[Location] = None
+
+
+@dataclass
+class MLPSpec:
+    """The feed-forward part of a block: plain (W_in, act, W_out) or gated (act(x·W_gate) ⊙ x·W_up, W_down)."""
+
+    activation: str
+    weights: Dict[str, Array]            # W_in/W_out (+ b_in/b_out), or W_gate/W_up/W_down (+ biases)
+    layout: str = "x_at_w"
+    location: Optional[Location] = None
+
+    @property
+    def gated(self) -> bool:
+        return "W_gate" in self.weights
+
+    def get(self, name: str) -> Optional[Array]:
+        return self.weights.get(name)
+
+
+@dataclass
+class BlockSpec:
+    """One transformer block: attention, its norms, an MLP and the residual stream.
+
+    placement "pre": resid_mid = x + attn(ln1(x)); resid_post = resid_mid + mlp(ln2(resid_mid)).
+    placement "post" (BERT): resid_mid = x + attn(x); ln1(resid_mid) feeds the MLP;
+    resid_post = ln1 + mlp; the block's output is ln2(resid_post).
+    A single-attention spec is one block without norms, MLP or residual."""
+
+    attention: "AttentionSpec"
+    placement: str = "pre"
+    ln1: Optional[NormSpec] = None
+    ln2: Optional[NormSpec] = None
+    mlp: Optional[MLPSpec] = None
+    residual: bool = True
+    location: Optional[Location] = None
+
+
+@dataclass
 class Sequence_:
     """A token sequence and its embeddings (the queries' side, or the encoder's)."""
 
     tokens: List[str]
     embeddings: Array
     tokens_location: Location
-
-
-@dataclass
-class Expectation:
-    hook: str                 # resolved hook name (aliases expanded)
-    written_as: str           # what the user wrote (alias or hook)
-    expected: Array
-    select: Dict[str, Any] = field(default_factory=dict)   # partial: batch/head/row/col (see attntrace.expect)
-    tolerance: Optional[Dict[str, float]] = None           # this entry's own atol/rtol/decimals
-    path: List[Any] = field(default_factory=list)          # YAML path of the written values
 
 
 GRAD_LOSSES = ("sum", "mean", "sum_squares")
@@ -140,7 +172,7 @@ class GradSpec:
 class Spec:
     name: str
     source: Sequence_
-    attention: AttentionSpec
+    attention: Optional[AttentionSpec]    # the attention layer of a single-attention spec; None with `blocks:`
     encoder: Optional[Sequence_] = None   # cross-attention: keys/values come from here
     positional: PositionalSpec = field(default_factory=PositionalSpec)
     expect: List[Expectation] = field(default_factory=list)
@@ -150,6 +182,9 @@ class Spec:
     description: str = ""
     file: Optional[str] = None
     document: Optional[Document] = None
+    model_blocks: List[BlockSpec] = field(default_factory=list)   # `blocks:`; empty for a single attention
+    embed_norm: Optional[NormSpec] = None
+    final_norm: Optional[NormSpec] = None
 
     # conveniences -------------------------------------------------------
     @property
@@ -163,6 +198,29 @@ class Spec:
     @property
     def is_cross(self) -> bool:
         return self.encoder is not None
+
+    @property
+    def is_model(self) -> bool:
+        """A spec of transformer blocks (hooks named blocks.L.*), not a single attention layer."""
+        return bool(self.model_blocks)
+
+    @property
+    def blocks(self) -> List[BlockSpec]:
+        if self.model_blocks:
+            return self.model_blocks
+        return [BlockSpec(self.attention, placement="none", residual=False)]
+
+    def attention_of(self, layer: Optional[int]) -> AttentionSpec:
+        return self.blocks[layer or 0].attention
+
+    def with_attention(self, layer: Optional[int], attention: AttentionSpec) -> "Spec":
+        """A copy with block `layer`'s attention replaced (arrays shared, not copied)."""
+        import dataclasses
+        if not self.model_blocks:
+            return dataclasses.replace(self, attention=attention)
+        blocks = list(self.model_blocks)
+        blocks[layer or 0] = dataclasses.replace(blocks[layer or 0], attention=attention)
+        return dataclasses.replace(self, model_blocks=blocks)
 
     def locate(self, path: Sequence) -> Location:
         if self.document is not None:
@@ -256,13 +314,32 @@ class _Reader:
             enc = self.mapping(top["encoder"], ["encoder"], "encoder")
             self.check_keys(enc, ("tokens", "embeddings"), ["encoder"], "encoder")
             encoder = self.sequence(enc, ["encoder"], "encoder")
-        attention = self.attention(self.require(top, "attention", [], "the spec",
-                                                "{heads: 1, W_q: [[...]], W_k: [[...]], W_v: [[...]]}"))
+        blocks: List[BlockSpec] = []
+        attention = None
+        if top.get("blocks") is not None:
+            if top.get("attention") is not None:
+                raise input_error("ATT-E003", "a spec has either `attention:` (one attention layer) or `blocks:` "
+                                              "(transformer blocks), not both", self.locate(["attention"]),
+                                  hint="move the attention into the first block: blocks: [{attention: {...}}]")
+            if top.get("encoder") is not None:
+                raise input_error("ATT-E003", "cross-attention (`encoder:`) is traced as one attention layer; "
+                                              "it cannot be combined with `blocks:`", self.locate(["encoder"]))
+            blocks = self.blocks(top["blocks"], top.get("mask"))
+        else:
+            for key in ("mask", "embed_norm", "ln_final"):
+                if top.get(key) is not None:
+                    raise input_error("ATT-E002", f"`{key}:` at the top belongs to a spec of `blocks:`",
+                                      self.locate([key]), hint="write the mask under attention: (mask: causal)"
+                                      if key == "mask" else "add `blocks:` or remove it")
+            attention = self.attention(self.require(top, "attention", [], "the spec",
+                                                    "{heads: 1, W_q: [[...]], W_k: [[...]], W_v: [[...]]}"))
         positional = self.positional(top.get("positional"))
         name = top.get("name") or (Path(self.doc.file).stem if self.doc.file else "spec")
         spec = Spec(name=str(name), description=str(top.get("description") or ""), source=source,
                     encoder=encoder, attention=attention, positional=positional,
-                    hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc)
+                    hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc,
+                    model_blocks=blocks, embed_norm=self.norm(top.get("embed_norm"), ["embed_norm"], "embed_norm"),
+                    final_norm=self.norm(top.get("ln_final"), ["ln_final"], "ln_final"))
         if top.get("expect") is not None:
             spec.expect, spec.tolerance = self.expectations(top["expect"])
         if top.get("grad") is not None:
@@ -339,8 +416,9 @@ class _Reader:
                                           "the same length", self.locate(path + ["embeddings"]))
         return Array("embeddings", np.stack(rows), self.locate(path + ["embeddings"]))
 
-    def attention(self, value: Any) -> AttentionSpec:
-        path = ["attention"]
+    def attention(self, value: Any, path: Optional[List] = None, default_mask: Any = None,
+                  mask_path: Optional[List] = None) -> AttentionSpec:
+        path = path or ["attention"]
         block = self.mapping(value, path, "attention")
         self.check_keys(block, ATTENTION_KEYS, path, "attention")
         heads = self.whole(block.get("heads", 1), path + ["heads"], "attention.heads")
@@ -363,8 +441,98 @@ class _Reader:
         locations.setdefault("attention", self.locate(path))
         return AttentionSpec(heads=heads, kv_heads=kv_heads, d_head=d_head, layout=layout,
                              scale=self.scale(block.get("scale", "auto"), path + ["scale"]),
-                             mask=self.mask(block.get("mask"), path + ["mask"]),
+                             mask=self.mask(block["mask"], path + ["mask"]) if block.get("mask") is not None
+                             else self.mask(default_mask, mask_path or path + ["mask"]),
                              locations=locations, **weights, **optional)
+
+    def blocks(self, value: Any, default_mask: Any) -> List[BlockSpec]:
+        """`blocks:` -- a list of transformer blocks (YAML anchors repeat one block)."""
+        if not isinstance(value, list) or not value:
+            raise input_error("ATT-E003", f"blocks must be a non-empty list of blocks, got {describe_value(value)}",
+                              self.locate(["blocks"]), hint="blocks: [{attention: {...}, mlp: {...}, norm: {...}}]")
+        return [self.block(item, ["blocks", i], default_mask) for i, item in enumerate(value)]
+
+    def block(self, value: Any, path: List, default_mask: Any) -> BlockSpec:
+        block = self.mapping(value, path, f"block {path[-1]}")
+        self.check_keys(block, BLOCK_KEYS, path, "a block")
+        attention = self.attention(self.require(block, "attention", path, f"block {path[-1]}",
+                                                "{heads: 1, W_q: [[...]], W_k: [[...]], W_v: [[...]]}"),
+                                   path + ["attention"], default_mask, ["mask"])
+        settings = self.mapping(block.get("norm") or {}, path + ["norm"], "norm")
+        self.check_keys(settings, ("kind", "placement", "eps"), path + ["norm"], "norm")
+        placement = settings.get("placement", "pre")
+        if placement not in PLACEMENTS:
+            raise input_error("ATT-E003", f"norm.placement must be pre or post, got {describe_value(placement)}",
+                              self.locate(path + ["norm", "placement"]),
+                              hint="pre: x + attn(norm(x)) (GPT-2, Llama); post: norm(x + attn(x)) (BERT)")
+        ln1 = self.norm(block.get("ln1"), path + ["ln1"], "ln1", settings)
+        ln2 = self.norm(block.get("ln2"), path + ["ln2"], "ln2", settings)
+        if block.get("norm") is not None and ln1 is None and ln2 is None:
+            ln1 = self.norm({}, path + ["norm"], "ln1", settings)
+            ln2 = self.norm({}, path + ["norm"], "ln2", settings)
+        residual = block.get("residual", True)
+        if not isinstance(residual, bool):
+            raise input_error("ATT-E003", f"residual must be true or false, got {describe_value(residual)}",
+                              self.locate(path + ["residual"]))
+        return BlockSpec(attention=attention, placement=placement, ln1=ln1, ln2=ln2,
+                         mlp=self.mlp(block.get("mlp"), path + ["mlp"]), residual=residual,
+                         location=self.locate(path))
+
+    def norm(self, value: Any, path: List, what: str, settings: Optional[Dict] = None) -> Optional[NormSpec]:
+        """`ln1: {weight: ..., bias: ...}` (kind and eps from the block's `norm:`), or a whole
+        `{kind, weight, bias, eps}` for embed_norm / ln_final."""
+        if value is None:
+            return None
+        in_block = settings is not None          # ln1/ln2 take kind and eps from the block's `norm:`
+        settings = settings or {}
+        norm = self.mapping(value, path, what)
+        self.check_keys(norm, ("weight", "bias") if in_block else ("kind", "weight", "bias", "eps"), path, what)
+        kind = norm.get("kind", settings.get("kind", "layernorm"))
+        kind_path = path + ["kind"] if "kind" in norm else path[:-1] + ["norm", "kind"]
+        if kind not in NORM_KINDS:
+            raise input_error("ATT-E003", f"{what}: the norm kind must be layernorm or rmsnorm, got "
+                                          f"{describe_value(kind)}", self.locate(kind_path),
+                              hint=did_you_mean(kind, NORM_KINDS))
+        eps = norm.get("eps", settings.get("eps", 1e-5))
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < 1):
+            raise input_error("ATT-E003", f"{what}: eps must be a small positive number, got {describe_value(eps)}",
+                              self.locate(path + ["eps"] if "eps" in norm else path[:-1] + ["norm", "eps"]),
+                              hint="e.g. eps: 1.0e-5 (LayerNorm) or 1.0e-6 (RMSNorm)")
+        bias = self.optional_array(norm, "bias", path)
+        if kind == "rmsnorm" and bias is not None:
+            raise input_error("ATT-E003", f"{what}: RMSNorm has no bias", self.locate(path + ["bias"]),
+                              hint="write kind: layernorm, or drop the bias")
+        return NormSpec(kind=kind, weight=self.optional_array(norm, "weight", path), bias=bias,
+                        eps=float(eps), location=self.locate(path))
+
+    def mlp(self, value: Any, path: List) -> Optional[MLPSpec]:
+        if value is None:
+            return None
+        block = self.mapping(value, path, "mlp")
+        self.check_keys(block, PLAIN_MLP + GATED_MLP + ("activation", "layout"), path, "mlp")
+        gated = "W_gate" in block
+        needed = ("W_gate", "W_up", "W_down") if gated else ("W_in", "W_out")
+        other = PLAIN_MLP if gated else GATED_MLP
+        mixed = [key for key in other if key in block]
+        if mixed:
+            raise input_error("ATT-E003", f"mlp mixes a {'gated' if gated else 'plain'} MLP with `{mixed[0]}`",
+                              self.locate(path + [mixed[0]]),
+                              hint="plain: W_in, b_in, W_out, b_out; gated (SwiGLU): W_gate, W_up, W_down")
+        activation = block.get("activation", "silu" if gated else "gelu")
+        if activation not in ACTIVATIONS:
+            raise input_error("ATT-E003", f"mlp.activation must be one of {', '.join(ACTIVATIONS)}, got "
+                                          f"{describe_value(activation)}", self.locate(path + ["activation"]),
+                              hint=did_you_mean(activation, ACTIVATIONS))
+        layout = block.get("layout", "x_at_w")
+        if layout not in LAYOUTS:
+            raise input_error("ATT-E003", f"mlp.layout must be x_at_w or linear, got {describe_value(layout)}",
+                              self.locate(path + ["layout"]))
+        weights = {key: self.array(self.require(block, key, path, "mlp", "{npy: w.npy}"), path + [key], key)
+                   for key in needed}
+        for key in (GATED_MLP if gated else PLAIN_MLP):
+            if key not in needed and block.get(key) is not None:
+                weights[key] = self.array(block[key], path + [key], key)
+        return MLPSpec(activation=activation, weights=weights, layout=layout, location=self.locate(path))
 
     def scale(self, value: Any, path: List) -> Union[str, float]:
         if value is None or value == "none":
@@ -496,7 +664,6 @@ class _Reader:
         return spec
 
     def expectations(self, value: Any):
-        from attntrace.hookpoints import resolve_hook_name   # the hook table is the one source of names
         path = ["expect"]
         block = self.mapping(value, path, "expect")
         tolerance = {"atol": 1e-6, "rtol": 0.0}
@@ -506,7 +673,6 @@ class _Reader:
                 tolerance.update(self.tolerance(key, expected, path + [key]))
                 continue
             hook = resolve_hook_name(str(key), self.locate(path + [key]))
-            from attntrace.analysis.expect import read_expectations   # full arrays, rows, cells, heads
             expectations.extend(read_expectations(self, hook, str(key), expected, path + [key]))
         return expectations, tolerance
 

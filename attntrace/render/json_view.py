@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from attntrace.core.engine import PREVIEW_EDGE
-from attntrace.core.stats import preview
+from attntrace.core.stats import PREVIEW_EDGE, preview
 from attntrace.hookpoints import point_of
 
 VALUES_LIMIT = 4096      # hooks with at most this many values carry them in full
@@ -41,6 +40,9 @@ def trace_to_json(trace, exit_code: int = 0, values_limit: int = VALUES_LIMIT) -
         "checks_passed": trace.checks_passed,
         "diagnoses": [d.to_json() for d in trace.diagnoses],
     }
-    if trace.winners is not None and trace.winners[0].size <= values_limit:
-        document["pattern_row_max"] = {"weight": trace.winners[0], "key": trace.winners[1]}
+    winners = {hook: {"weight": w, "key": k} for hook, (w, k) in trace.winners.items() if w.size <= values_limit}
+    if len(trace.winners) == 1 and winners:          # one attention layer: its pattern's winners
+        document["pattern_row_max"] = next(iter(winners.values()))
+    elif winners:
+        document["pattern_row_max"] = winners
     return document

@@ -57,7 +57,7 @@ def _counts_line(picture) -> Text:
 
 
 def _conventions(picture) -> Group:
-    from attntrace.core.masks import CONVENTION_NOTES
+    from attntrace.analysis.maskinfo import CONVENTION_NOTES
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True, style="bold cyan")
     grid.add_column(no_wrap=True)
@@ -141,7 +141,8 @@ def _render_before_after(console, traces, precision: int, heads) -> None:
 
 
 def mask_to_json(picture, diagnoses: Sequence, traces=None) -> Dict[str, Any]:
-    from attntrace.core.masks import CONVENTION_NOTES, fully_masked_row_outcomes
+    from attntrace.analysis.maskinfo import CONVENTION_NOTES
+    from attntrace.core.masks import fully_masked_row_outcomes
     document: Dict[str, Any] = {
         "attntrace": 1,
         "command": "mask",

@@ -11,7 +11,7 @@ from rich.rule import Rule
 from rich.text import Text
 
 from attntrace.core.stats import edge_indices
-from attntrace.hookpoints import point_of
+from attntrace.hookpoints import point_of, split_name
 from attntrace.render.diagnosis import diagnosis_panel
 from attntrace.render.matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
 
@@ -43,7 +43,7 @@ def named_shape(trace, hook: str) -> str:
         if axis in ("batch", "n_heads", "n_kv_heads", "1") and size == 1:
             continue
         name = axis
-        if not plan.cross and hook not in SCORE_HOOKS and axis in ("seq_q", "seq_k"):
+        if not plan.cross and split_name(hook)[1] not in SCORE_HOOKS and axis in ("seq_q", "seq_k"):
             name = "seq"
         parts.append(f"{name}={size}")
     return "(" + ", ".join(parts) + ")"
@@ -90,14 +90,15 @@ def _matrices(trace, hook: str, options: ViewOptions):
     heads = [0] if head_axis is None else (
         [h for h in (requested if requested is not None else range(data.shape[head_axis]))
          if h < data.shape[head_axis]])
-    if options.heads is None and hook not in SCORE_HOOKS and len(heads) > options.max_heads_shown:
+    if options.heads is None and split_name(hook)[1] not in SCORE_HOOKS and len(heads) > options.max_heads_shown:
         options.notes.append(f"{hook}: showing heads 0–{options.max_heads_shown - 1} of {len(heads)} "
                              "(use --head N)")
         heads = heads[:options.max_heads_shown]
     row_name, col_name = step.axes[row_axis], step.axes[col_axis]
     row_labels = _axis_labels(trace, hook, row_name, rows)
     col_labels = _axis_labels(trace, hook, col_name, cols)
-    is_pattern = hook == "attn.hook_pattern" and not options.signed
+    local = split_name(hook)[1]
+    is_pattern = local == "attn.hook_pattern" and not options.signed
     for b in batches:
         for h in heads:
             index = [b] + [slice(None)] * (data.ndim - 1)
@@ -108,7 +109,7 @@ def _matrices(trace, hook: str, options: ViewOptions):
             if batch > 1:
                 title_bits.append(f"batch {b}")
             if head_axis is not None and data.shape[head_axis] > 1:
-                kv = hook in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k") and plan.size("n_kv_heads") != plan.size("n_heads")
+                kv = local in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k") and plan.size("n_kv_heads") != plan.size("n_heads")
                 if kv:
                     group = plan.size("n_heads") // plan.size("n_kv_heads")
                     shared = f"query head {h * group}" if group == 1 else \
@@ -118,15 +119,15 @@ def _matrices(trace, hook: str, options: ViewOptions):
                     title_bits.append(f"head {h}")
             view = MatrixView(values=matrix, row_labels=row_labels, col_labels=col_labels, rows=rows, cols=cols,
                               full_rows=n_rows, full_cols=n_cols, title=" · ".join(title_bits),
-                              diverging=options.signed or hook not in ("attn.hook_pattern", "attn.hook_mask"),
+                              diverging=options.signed or local not in ("attn.hook_pattern", "attn.hook_mask"),
                               value_range=(0.0, 1.0) if is_pattern else None)
-            if is_pattern and trace.winners is not None:
-                top_w, top_k = trace.winners
+            if is_pattern and hook in trace.winners:
+                top_w, top_k = trace.winners[hook]
                 key_labels = _labels(trace.spec.key_tokens, top_k[b, h, rows])
                 view.row_top = [f"{fmt_number(float(top_w[b, h, r]), 2)} → {label}"
                                 for r, label in zip(rows, key_labels)]
-                if trace.row_sums is not None:     # over every key, also when columns are elided
-                    view.row_sums = trace.row_sums[b, h, rows]
+                if hook in trace.row_sums:     # over every key, also when columns are elided
+                    view.row_sums = trace.row_sums[hook][b, h, rows]
             yield view
 
 
@@ -152,7 +153,7 @@ def step_renderable(trace, step, options: ViewOptions, width: int = 120):
     body = [header,
             Text.assemble(("shape ", "dim"), named_shape(trace, hook), ("   rule ", "dim"), (step.rule, "")),
             _stats_line(trace, hook, options.precision)]
-    if hook == "attn.hook_scaled":
+    if split_name(hook)[1] == "attn.hook_scaled":
         body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
     body.extend(matrix_grid(list(_matrices(trace, hook, options)), hook, options, width,
                             "heatmaps: ░ low … █ high (--values for numbers, --head N for one head)"))
@@ -162,7 +163,7 @@ def step_renderable(trace, step, options: ViewOptions, width: int = 120):
 def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str) -> list:
     """The matrices of one step laid out as a grid: numbers, or compact heatmaps when
     asked for or when a score step has more than two panels."""
-    compact = options.heatmap if options.heatmap is not None else (hook in SCORE_HOOKS and len(views) > 2)
+    compact = options.heatmap if options.heatmap is not None else (split_name(hook)[1] in SCORE_HOOKS and len(views) > 2)
     blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
     if not blocks:
         return []

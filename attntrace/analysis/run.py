@@ -1,0 +1,122 @@
+"""The one run(): spec → plan → pre-flight diagnosis → engine → invariant checks → Trace.
+
+Every path that traces attention goes through :func:`run` (the Python API,
+``attntrace run``, ``--inject``, expectations, diffs), so a trace always
+carries the same diagnoses.  The engine only executes; :func:`rerun` is the
+bare execution the re-running checks and bug replays use.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from attntrace.analysis import checks as checks_mod
+from attntrace.analysis.actions import hooks_from_spec
+from attntrace.analysis.diagnose import preflight
+from attntrace.analysis.fixes import attach_verified_fixes
+from attntrace.core.engine import Keep, State, StepFn, execute
+from attntrace.core.hooks import HookFn, HookSet
+from attntrace.core.plan import Plan, Step, plan_from_spec
+from attntrace.core.trace import Trace
+from attntrace.errors import Diagnosis, ShapeError, input_error
+from attntrace.inputs.spec import Spec, load_spec
+
+CHECK_LEVELS = ("none", "default", "all")
+Check = Union[bool, str]
+
+
+def prepare(spec: Union[Spec, str, dict]) -> Tuple[Spec, Plan, List[Diagnosis]]:
+    """Load the spec, plan it and run the pre-flight shape diagnosis.
+
+    Raises ShapeError (exit 3) with verified fixes attached; returns the warnings
+    sizes alone cannot settle."""
+    spec = load_spec(spec)
+    plan = plan_from_spec(spec)
+    try:
+        warnings = preflight(spec, plan)
+    except ShapeError as error:
+        attach_verified_fixes(spec, error.diagnoses)
+        raise
+    return spec, plan, warnings
+
+
+def _check_level(check: Check) -> str:
+    if check is True:
+        return "default"
+    if check is False or check is None:
+        return "none"
+    if check not in CHECK_LEVELS:
+        raise input_error("ATT-E003", f"check must be one of {', '.join(CHECK_LEVELS)}, got {check!r}")
+    return check
+
+
+def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
+        dtype: str = "float64", overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
+        on_step: Optional[Callable] = None, spec_hooks: bool = True) -> Trace:
+    """Trace attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
+
+    hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
+    spec_hooks: also apply the spec's own `hooks:` list (first, before `hooks`).
+    keep: which arrays the trace keeps: "auto" (arrays up to 1M values), "all", or hook names/patterns.
+    dtype: "float64" (default) or "float32".
+    check: True / "default" (the invariant checks of every step), "all" (also the checks
+    that re-run attention on perturbed inputs), False / "none".
+    on_step: called as on_step(step, array, trace) after each step (`run --step`).
+    overrides: step key -> replacement function (how bugs are injected).
+    """
+    level = _check_level(check)
+    spec, plan, warnings = prepare(spec)
+    if spec_hooks and spec.hooks:
+        hooks = hooks_from_spec(spec) + list(hooks)
+    hookset = HookSet(hooks, plan.hooks)
+    trace = Trace(spec=spec, plan=plan, dtype=np.dtype(dtype).name)
+    if level != "none":
+        trace.diagnoses.extend(warnings)
+    after_step = _step_checker(spec, plan, level) if level != "none" else None
+    if on_step is not None:
+        after_step = _then(after_step, on_step)
+    execute(spec, plan, hookset=hookset, keep=keep, dtype=dtype, overrides=overrides, after_step=after_step,
+            trace=trace)
+    if level != "none" and not any(d.code == "ATT-W204" for d in trace.diagnoses):
+        trace.checks_passed.append("no NaN or inf in any step")
+    if level == "all":
+        found, passed = checks_mod.expensive_checks(spec, trace, rerun_with(overrides, dtype))
+        trace.diagnoses.extend(found)
+        trace.checks_passed.extend(passed)
+    return trace
+
+
+def _step_checker(spec: Spec, plan: Plan, level: str):
+    def after_step(step: Step, array: np.ndarray, state: State, trace: Trace) -> None:
+        ctx = checks_mod.CheckContext(plan, state.values, trace, spec, step.layer)
+        found, passed = checks_mod.run_step_checks(step.key, ctx)
+        trace.diagnoses.extend(found)
+        trace.checks_passed.extend(p for p in passed if p not in trace.checks_passed)
+    return after_step
+
+
+def _then(first, on_step: Callable):
+    def after_step(step: Step, array: np.ndarray, state: State, trace: Trace) -> None:
+        if first is not None:
+            first(step, array, state, trace)
+        on_step(step, array, trace)
+    return after_step
+
+
+def rerun(spec: Spec, *, keep: Keep, overrides: Optional[Dict[str, StepFn]] = None,
+          dtype: str = "float64", hooks: Sequence[Tuple[str, HookFn]] = ()) -> Dict[str, np.ndarray]:
+    """Execute `spec` again, without diagnosis or checks, and return the kept arrays.
+
+    For re-running checks and bug replays: the spec was diagnosed already, and a
+    perturbed copy has the same shapes."""
+    plan = plan_from_spec(spec)
+    trace = execute(spec, plan, hookset=HookSet(hooks, plan.hooks), keep=keep, dtype=dtype, overrides=overrides)
+    return trace.arrays
+
+
+def rerun_with(overrides: Optional[Dict[str, StepFn]] = None, dtype: str = "float64"):
+    """A rerun function for the re-running checks, with the given step functions."""
+    def again(spec: Spec, keep: Keep) -> Dict[str, np.ndarray]:
+        return rerun(spec, keep=keep, overrides=overrides, dtype=dtype)
+    return again
