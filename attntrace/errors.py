@@ -113,7 +113,7 @@ class AttnTraceError(Exception):
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, diagnoses: "Diagnosis | List[Diagnosis]"):
+    def __init__(self, diagnoses: Diagnosis | List[Diagnosis]):
         self.diagnoses = diagnoses if isinstance(diagnoses, list) else [diagnoses]
         # str(exc) is what a notebook shows: the code, where, and the hint ("did you mean ...")
         super().__init__(self.diagnoses[0].text())
@@ -127,6 +127,11 @@ class InputError(AttnTraceError):
     """Bad input or usage: malformed YAML, wrong types, missing files (exit 2)."""
 
     exit_code = EXIT_BAD_INPUT
+
+    def prefixed(self, text: str) -> InputError:
+        """The same error, its message prefixed with where it was written (a hook, a file)."""
+        d = self.diagnosis
+        return input_error(d.code, f"{text}: {d.message}", d.locations[0] if d.locations else None, hint=d.hint)
 
 
 class ShapeError(AttnTraceError):

@@ -64,7 +64,8 @@ def bare_numpy(folder: Path, heads: int) -> np.ndarray:
 
 
 def attntrace_run(spec: Path) -> None:
-    from click.testing import CliRunner   # the real command, output discarded
+    from click.testing import CliRunner  # the real command, output discarded
+
     from attntrace.cli.main import cli
     result = CliRunner().invoke(cli, ["run", str(spec)], catch_exceptions=False)
     if result.exit_code != 0:
@@ -72,7 +73,7 @@ def attntrace_run(spec: Path) -> None:
 
 
 def attntrace_engine(spec: Path) -> None:
-    import attntrace                      # the Python API: the trace without rendering
+    import attntrace  # the Python API: the trace without rendering
     attntrace.run(str(spec))
 
 

@@ -42,6 +42,7 @@ def spec_path(tmp_path):
 def invoke():
     """Run the CLI in-process; return (exit_code, output text)."""
     from click.testing import CliRunner
+
     from attntrace.cli.main import cli
 
     def run(*args, input=None):

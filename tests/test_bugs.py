@@ -106,8 +106,7 @@ def test_forgot_transpose_k_when_d_head_equals_seq_is_flagged_by_axis_names():
 def test_expensive_checks_alone_catch_head_mixing():
     """Without the named-axis notes, head independence (and causality) still catch the reshape bugs."""
     from attntrace.analysis.checks import expensive_checks
-    from attntrace.analysis.run import rerun_with
-    from attntrace.analysis.run import run
+    from attntrace.analysis.run import rerun_with, run
     spec = load_spec(CONFIGS / "bug_inject_wide_heads.yaml")
     for name in ("split-heads-without-transpose", "merge-heads-without-transpose"):
         overrides = CATALOGUE[name].overrides()

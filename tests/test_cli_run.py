@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import CONFIGS, ROOT
 
 SEED002 = CONFIGS / "seed002_abc.yaml"
@@ -24,7 +23,8 @@ def test_run_without_a_file_shows_the_builtin_example(invoke):
 
 def test_builtin_example_is_the_seed000_config():
     from attntrace.cli.run import BUILTIN_EXAMPLE
-    assert BUILTIN_EXAMPLE.read_text(encoding="utf-8") == (CONFIGS / "seed000_cat_mouse.yaml").read_text(encoding="utf-8")
+    builtin = BUILTIN_EXAMPLE.read_text(encoding="utf-8")
+    assert builtin == (CONFIGS / "seed000_cat_mouse.yaml").read_text(encoding="utf-8")
 
 
 def test_seed002_prints_the_true_values(invoke):

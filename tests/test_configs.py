@@ -12,9 +12,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference as ref  # noqa: E402
+from conftest import CONFIGS  # noqa: E402
 
 import attntrace  # noqa: E402
-from conftest import CONFIGS  # noqa: E402
 
 SEED_CONFIGS = ["seed000_cat_mouse.yaml", "seed000_king_queen.yaml", "seed002_abc.yaml",
                 "seed003_ticket_heads.yaml", "seed004_batch_multihead.yaml", "causal_gpt.yaml"]

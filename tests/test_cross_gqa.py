@@ -5,12 +5,10 @@ import math
 
 import numpy as np
 import pytest
-
+from conftest import CONFIGS
 from reference import softmax_row  # the plain-loop softmax of tests/reference.py
 
 import attntrace
-from conftest import CONFIGS
-
 
 # --------------------------------------------------------------------------- plain reference
 
@@ -105,8 +103,10 @@ def test_cross_attention_with_an_explicit_rectangular_mask():
     spec = attntrace.load_spec(CONFIGS / "cross_seed001.yaml")
     keep = [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0]]
     from dataclasses import replace
+
     from attntrace.inputs.spec import Array, MaskSpec
-    spec = replace(spec, attention=replace(spec.attention, mask=MaskSpec(matrix=Array("m", np.array(keep, bool), None))))
+    mask = MaskSpec(matrix=Array("m", np.array(keep, bool), None))
+    spec = replace(spec, attention=replace(spec.attention, mask=mask))
     trace = attntrace.run(spec, keep="all")
     assert_trace_matches(trace, reference_for(spec, keep))
 
@@ -145,6 +145,7 @@ def test_kv_cache_weights_are_the_last_rows_of_the_full_causal_run():
 def test_kv_cache_with_rope_uses_the_absolute_query_positions():
     spec = attntrace.load_spec(CONFIGS / "mask_kv_cache.yaml")
     from dataclasses import replace
+
     from attntrace.inputs.spec import PositionalSpec
     spec = replace(spec, positional=PositionalSpec(kind="rope"))
     trace = attntrace.run(spec, keep="all")
@@ -156,6 +157,7 @@ def test_kv_cache_with_rope_uses_the_absolute_query_positions():
 def test_kv_cache_with_alibi_matches_the_full_run():
     spec = attntrace.load_spec(CONFIGS / "mask_kv_cache.yaml")
     from dataclasses import replace
+
     from attntrace.inputs.spec import PositionalSpec
     spec = replace(spec, positional=PositionalSpec(kind="alibi"))
     trace = attntrace.run(spec, keep="all")
@@ -182,8 +184,10 @@ def test_gqa_equals_multi_head_with_repeated_kv_weights():
     att = spec.attention
     d_head = 4
     # kv head g serves query heads 4g..4g+3: copy its columns once per query head
-    repeat = lambda w: np.concatenate([w.data[:, (h // 4) * d_head:(h // 4 + 1) * d_head] for h in range(8)], axis=1)
+    def repeat(w):
+        return np.concatenate([w.data[:, (h // 4) * d_head:(h // 4 + 1) * d_head] for h in range(8)], axis=1)
     from dataclasses import replace
+
     from attntrace.inputs.spec import Array
     mha = replace(spec, attention=replace(att, kv_heads=None, W_k=Array("W_k", repeat(att.W_k), None),
                                           W_v=Array("W_v", repeat(att.W_v), None)))

@@ -178,7 +178,8 @@ def test_batch_mismatch_and_bias_and_w_o(invoke):
     assert code == 3 and doc["diagnoses"][0]["code"] == "ATT-E106"
     assert any("CONFLICT: 3 ≠ 2" in line for line in doc["diagnoses"][0]["details"])
     code, doc = _json(invoke, "run", CONFIGS / "bug_bias_length.yaml")
-    assert code == 3 and doc["diagnoses"][0]["code"] == "ATT-E107" and "needs 6 numbers" in doc["diagnoses"][0]["message"]
+    assert code == 3 and doc["diagnoses"][0]["code"] == "ATT-E107"
+    assert "needs 6 numbers" in doc["diagnoses"][0]["message"]
     code, doc = _json(invoke, "run", CONFIGS / "bug_w_o.yaml")
     d = doc["diagnoses"][0]
     assert code == 3 and (d["code"], d["hook"]) == ("ATT-E101", "hook_attn_out")
@@ -282,7 +283,8 @@ def test_check_broadcast_table_and_swapped_names():
         check_broadcast(plan, "attn_scores", scores, Operand("mask", (1, 1, 3, 4), ("batch", "1", "seq_q", "seq_k")))
     assert info.value.diagnosis.code == "ATT-E108"
     assert any("CONFLICT: 3 ≠ 4" in line for line in info.value.diagnosis.details)
-    swapped = check_broadcast(plan, "attn_scores", scores, Operand("mask", (1, 1, 4, 4), ("batch", "1", "seq_k", "seq_q")))
+    swapped_mask = Operand("mask", (1, 1, 4, 4), ("batch", "1", "seq_k", "seq_q"))
+    swapped = check_broadcast(plan, "attn_scores", scores, swapped_mask)
     assert swapped.code == "ATT-W220"
     fine = Operand("mask", (1, 1, 4, 4), ("batch", "1", "seq_q", "seq_k"))
     assert check_broadcast(plan, "attn_scores", scores, fine) is None

@@ -10,11 +10,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
 
 import attntrace
-from attntrace.errors import InputError, ShapeError
 from attntrace.analysis.expect import cells_close, check_expectations
-from conftest import CONFIGS
+from attntrace.errors import InputError, ShapeError
 
 # seed 002: Q rows A [1, 5], B [9, 13], C [17, 21]; K rows A [5, 1], B [13, 9], C [21, 17]
 # B·C = 9·21 + 13·17 = 189 + 221 = 410 (the article prints 400)

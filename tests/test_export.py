@@ -8,10 +8,11 @@ import stat
 import numpy as np
 import pytest
 import yaml
+from conftest import ABC  # noqa: E402
+from conftest import ABC_X as X
 
 from attntrace.inputs.files import atomic_write
 
-from conftest import ABC, ABC_X as X  # noqa: E402
 QK = [[10, 58, 106], [58, 234, 410], [106, 410, 714]]      # Q·Kᵀ worked out in test_seed_values.py
 
 

@@ -6,14 +6,18 @@ import json
 
 import numpy as np
 import pytest
-
-import attntrace
-from attntrace.core.backward import (backward, grouped_mix_backward, grouped_scores_backward, linear_backward,
-                                softmax_backward)
-from attntrace.analysis.gradcheck import check_gradients
+import reference
 from conftest import CONFIGS
 
-import reference
+import attntrace
+from attntrace.analysis.gradcheck import check_gradients
+from attntrace.core.backward import (
+    backward,
+    grouped_mix_backward,
+    grouped_scores_backward,
+    linear_backward,
+    softmax_backward,
+)
 
 SEED_WEIGHTS = [[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]]
 SEED_D_OUTPUT = [1.0, 2.0, 3.0]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import attntrace
-from attntrace.errors import InputError
 from attntrace.core.hooks import HookSet
+from attntrace.errors import InputError
 
 # seed 002's A, B, C (see test_seed_values.py): V rows A [2, 4], B [10, 12], C [18, 20]
 X = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]

@@ -5,13 +5,11 @@ import math
 
 import numpy as np
 import pytest
-
+from conftest import CONFIGS
 from reference import softmax_row  # the plain-loop softmax of tests/reference.py
 
 import attntrace
 from attntrace.core import masks
-from conftest import CONFIGS
-
 
 # --------------------------------------------------------------------------- plain references
 

@@ -5,11 +5,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
 
 import attntrace
 from attntrace.core import positional
-from conftest import CONFIGS
-
 
 # --------------------------------------------------------------------------- plain references
 
@@ -106,8 +105,8 @@ def test_rope_scores_depend_only_on_relative_position(pairing):
     rng = np.random.default_rng(2)
     q, k = rng.normal(size=16), rng.normal(size=16)
     for m, n in [(5, 2), (9, 1)]:
-        scores = [float(np.dot(plain_rope_vector(q, m + t, pairing=pairing), plain_rope_vector(k, n + t, pairing=pairing)))
-                  for t in (0, 1, 7, 100)]
+        scores = [float(np.dot(plain_rope_vector(q, m + t, pairing=pairing),
+                               plain_rope_vector(k, n + t, pairing=pairing))) for t in (0, 1, 7, 100)]
         np.testing.assert_allclose(scores, scores[0], rtol=1e-10)
         via_engine = positional.rope(q[None, None, None], np.array([m]), pairing=pairing)[0, 0, 0] @ \
             positional.rope(k[None, None, None], np.array([n]), pairing=pairing)[0, 0, 0]

@@ -12,7 +12,6 @@ import pytest
 
 import attntrace
 
-
 # =========================================================================== seed 002
 # /work/shared/seeds/002_67d3e51ceb4f0be7.txt: three 4-d words A, B, C, one head, d_k = 2.
 

@@ -144,7 +144,8 @@ def test_array_sources_are_relative_to_the_spec(invoke, tmp_path):
     np.savez(folder / "w.npz", q=np.array([[1.0], [0.0]]))
     (folder / "spec.yaml").write_text(
         "version: 1\ntokens: [A, B]\nembeddings: {npy: x.npy}\n"
-        "attention: {heads: 1, W_q: {npz: w.npz, key: q}, W_k: {npz: w.npz, key: q}, W_v: {identity: 2}, scale: none}\n")
+        "attention: {heads: 1, W_q: {npz: w.npz, key: q}, W_k: {npz: w.npz, key: q}, W_v: {identity: 2}, "
+        "scale: none}\n")
     import attntrace
     trace = attntrace.run(attntrace.load_spec(folder / "spec.yaml"))
     # Q = X @ [[1],[0]] = first column of X
@@ -187,8 +188,8 @@ def test_python_api_raises_typed_errors(write_spec):
 def test_yaml_is_loaded_safely_no_code_runs(write_spec, tmp_path):
     marker = tmp_path / "pwned"
     path = write_spec(f"version: 1\nname: !!python/object/apply:os.system ['touch {marker}']\n")
-    from attntrace.errors import InputError
     import attntrace
+    from attntrace.errors import InputError
     with pytest.raises(InputError):
         attntrace.load_spec(path)
     assert not marker.exists()

@@ -6,10 +6,10 @@ import os
 import time
 
 import yaml
+from conftest import ABC  # noqa: E402
 
 from attntrace.render.stepper import LineReader
 
-from conftest import ABC  # noqa: E402
 STEPS = 11     # embed, q, k, v, qk, scaled, attn_scores, pattern, z, z_concat, out
 
 

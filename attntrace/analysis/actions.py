@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from attntrace.errors import InputError, Location, input_error
 from attntrace.core.hooks import HookFn
+from attntrace.errors import InputError, Location, input_error
 from attntrace.hookpoints import HOOKS_BY_NAME, HookPoint, match_hooks
 
 HOOK_SYNTAX = "HOOK:ACTION[=ARG], e.g. attn.hook_pattern:ablate-head=1"
@@ -49,12 +49,6 @@ class Origin:
 
     def error(self, code: str, message: str, hint: Optional[str] = None):
         return input_error(code, f"{self.text}: {message}", self.location, hint=hint)
-
-
-def prefixed(exc: InputError, text: str) -> InputError:
-    """The same error, its message prefixed with where the hook was written."""
-    d = exc.diagnosis
-    return input_error(d.code, f"{text}: {d.message}", d.locations[0] if d.locations else None, hint=d.hint)
 
 
 # --------------------------------------------------------------------------- argument readers
@@ -280,7 +274,7 @@ def make_action(hook: str, action: str, arg: Any, origin: Origin, ctx: ActionCon
     try:
         match_hooks(hook, list(HOOKS_BY_NAME), origin.location)    # did-you-mean for typos, before running
     except InputError as exc:
-        raise prefixed(exc, origin.text) from None
+        raise exc.prefixed(origin.text) from None
     name = ALIASES.get(action, action)
     if name not in ACTIONS:
         close = difflib.get_close_matches(action, list(ACTIONS) + list(ALIASES), n=1)

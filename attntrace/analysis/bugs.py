@@ -22,14 +22,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from attntrace.core import engine, ops
-from attntrace.hookpoints import PROJECTIONS
-
-from attntrace.core import masks
 from attntrace.analysis.checks import expensive_checks
 from attntrace.analysis.diagnose import Operands, check_broadcast, check_matmul, check_reshape
 from attntrace.analysis.run import prepare, rerun_with, run
+from attntrace.core import engine, masks, ops
 from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
+from attntrace.hookpoints import PROJECTIONS
 
 StepFn = Callable[[engine.State], np.ndarray]
 Notes = List[Diagnosis]
@@ -102,7 +100,8 @@ def _blocked_scores(state: engine.State, blocked: np.ndarray) -> np.ndarray:
 
 
 # step key -> (weight, bias, heads axis, width axis, sequence axis), from the one projection table
-_PROJECTION = {step: (weight, bias, heads, width, seq) for weight, (bias, step, heads, width, seq) in PROJECTIONS.items()}
+_PROJECTION = {step: (weight, bias, heads, width, seq)
+               for weight, (bias, step, heads, width, seq) in PROJECTIONS.items()}
 
 
 def _projected(state: engine.State, key: str) -> Tuple[np.ndarray, Operand]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from attntrace.core.plan import Plan, Step, plan_from_sizes
 from attntrace.errors import Diagnosis, InputError
 from attntrace.hookpoints import HOOKS_BY_NAME, PARAMETERS_BY_NAME, SYMBOLS, parameter_axes
-from attntrace.core.plan import Plan, Step, plan_from_sizes
 
 ITEMSIZE = {"float64": 8, "float32": 4}
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from attntrace.errors import Diagnosis, Location, Operand, ShapeError
 from attntrace.analysis.dataflow import operand_axes
 from attntrace.core.plan import Plan, output_width
+from attntrace.errors import Diagnosis, Location, Operand, ShapeError
 from attntrace.hookpoints import PROJECTIONS as PROJECTION_TABLE
 from attntrace.hookpoints import point_of
 

@@ -30,10 +30,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attntrace.analysis.cells import axis_label, cell_label
-from attntrace.errors import Diagnosis, ShapeError, input_error
+from attntrace.errors import Diagnosis, Location, ShapeError, input_error
 from attntrace.hookpoints import point_of
 from attntrace.inputs.expectations import Coordinate, Expectation
-from attntrace.inputs.sources import Array
 
 ROUNDING_SLACK = 1e-9          # 0.05 written for a true 0.045 is "2 decimals" despite float error
 

@@ -26,9 +26,9 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from attntrace.analysis.run import run as run_engine
 from attntrace.core.backward import GradPoint, GradTrace, loss_value, upstream_gradient
 from attntrace.errors import Diagnosis
-from attntrace.analysis.run import run as run_engine
 
 STEP = 1e-5            # relative finite-difference step
 FLOOR = 1e-4           # gradients below FLOOR · loss scale are compared as absolute errors

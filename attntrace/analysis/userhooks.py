@@ -23,9 +23,8 @@ import traceback
 from pathlib import Path
 from typing import List, Tuple
 
-from attntrace.analysis.actions import prefixed
-from attntrace.errors import InputError, input_error
 from attntrace.core.hooks import HookFn
+from attntrace.errors import InputError, input_error
 from attntrace.hookpoints import HOOKS_BY_NAME, match_hooks
 
 EXAMPLE = 'HOOKS = [("attn.hook_pattern", my_fn)]   # my_fn(array, *, hook) -> array | None'
@@ -57,7 +56,7 @@ def load_hook_file(path) -> List[Tuple[str, HookFn]]:
         try:
             match_hooks(name, list(HOOKS_BY_NAME))
         except InputError as exc:     # a did-you-mean error: say which file it came from
-            raise prefixed(exc, path.name) from None
+            raise exc.prefixed(path.name) from None
         hooks.append((name, _reported(fn, name, path)))
     return hooks
 

@@ -27,10 +27,10 @@ def check(spec, show_all, dtype, width, fmt):
     attntrace check configs/expect_seed002_article.yaml
     attntrace check homework.yaml --format json
     """
-    from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.analysis.expect import check_expectations
-    from attntrace.render.output import make_console, print_json
+    from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.spec import load_spec
+    from attntrace.render.output import make_console, print_json
     loaded = load_spec(spec)
     if not loaded.expect:
         raise input_error("ATT-E066", f"{spec} has no `expect:` section: nothing to check",

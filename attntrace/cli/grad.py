@@ -41,11 +41,11 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     attntrace grad spec.yaml --loss sum_squares --grads V,weights,W_q
     attntrace grad spec.yaml --format json
     """
-    from attntrace.core.backward import backward, match_grads
     from attntrace.analysis.run import run as run_engine
+    from attntrace.cli.run import BUILTIN_EXAMPLE
+    from attntrace.core.backward import backward, match_grads
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.render.output import make_console, print_json
-    from attntrace.cli.run import BUILTIN_EXAMPLE
     # the gradients are those of attention itself: the spec's `hooks:` (ablations, patches) are left out
     trace = run_engine(spec if spec is not None else BUILTIN_EXAMPLE, keep="all", dtype="float64", spec_hooks=False)
     plan = trace.plan

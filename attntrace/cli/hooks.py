@@ -25,7 +25,8 @@ def hooks(spec, width, fmt):
     attntrace hooks configs/seed002_abc.yaml
     attntrace run spec.yaml --hook attn.hook_pattern:ablate-head=1
     """
-    from attntrace.analysis.actions import ACTIONS, ALIASES as ACTION_ALIASES
+    from attntrace.analysis.actions import ACTIONS
+    from attntrace.analysis.actions import ALIASES as ACTION_ALIASES
     from attntrace.hookpoints import ALIASES, HOOK_POINTS
     from attntrace.render.output import make_console, print_json
     plan = None

@@ -72,13 +72,14 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     """
     import contextlib
     import sys
+
     from attntrace.analysis.actions import command_hooks
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.files import check_targets
+    from attntrace.inputs.spec import load_spec
     from attntrace.render.export import wants_data
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
-    from attntrace.inputs.spec import load_spec
     loaded = load_spec(spec if spec is not None else BUILTIN_EXAMPLE)
     extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
     targets = check_targets(exports, inputs)
@@ -106,7 +107,7 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
                 trace = run_checked(loaded, check=check_level, **run_options)
         except StopStepping as stop:
             console.print(f"stopped after step {stop.step.label}")
-            raise SystemExit(EXIT_OK)
+            raise SystemExit(EXIT_OK) from None
     if verdict is not None and trace is None:
         from attntrace.errors import EXIT_SHAPE_ERROR
         from attntrace.render import bugs_view

@@ -24,10 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attntrace.core import positional
-from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
 from attntrace.core.hooks import HookFn, HookSet
-from attntrace.hookpoints import resolve_hook_name
 from attntrace.core.stats import Stats, array_stats
+from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
+from attntrace.hookpoints import resolve_hook_name
 
 GRAD_SUFFIX = "_grad"
 DOUT_FORMULAS = {"sum": "dout = 1 everywhere", "mean": "dout = 1 / out.size everywhere",

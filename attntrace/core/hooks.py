@@ -14,7 +14,6 @@ import numpy as np
 from attntrace.errors import input_error
 from attntrace.hookpoints import match_hooks, point_of
 
-
 HookFn = Callable[..., Optional[np.ndarray]]
 
 
@@ -45,7 +44,7 @@ class HookSet:
             point = point_of(name)
             if point.name != name:
                 point = dataclasses.replace(point, name=name)
-        for pattern, fn in hooks:
+        for _pattern, fn in hooks:
             result = fn(array, hook=point)
             if result is None:
                 continue

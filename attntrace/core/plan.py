@@ -208,7 +208,8 @@ def attention_steps(block: BlockPlan, *, cross: bool, positional: str) -> List[S
              "(seq_q×n_heads×d_v) → (seq_q×n_heads·d_v)", ("z",)),
         Step("out", "hook_attn_out", f"out = concat·W_o{wt}" if block.has_w_o else "out = concat (no W_o)",
              "(seq_q×n_heads·d_v)·(n_heads·d_v×d_out) → (seq_q×d_out)" if block.has_w_o else
-             "(seq_q×n_heads·d_v) → (seq_q×d_out), d_out = n_heads·d_v", ("concat", "W_o") if block.has_w_o else ("concat",)),
+             "(seq_q×n_heads·d_v) → (seq_q×d_out), d_out = n_heads·d_v",
+             ("concat", "W_o") if block.has_w_o else ("concat",)),
     ]
     return steps
 

@@ -160,7 +160,8 @@ def rope_relative_check(d_head: int, base: float = 10000.0, pairing: str = "half
 
 
 FORMULAS = {
-    "sinusoidal": "PE[pos, 2i] = sin(pos / base^(2i/d_model)),  PE[pos, 2i+1] = cos(pos / base^(2i/d_model));  X = X + PE",
+    "sinusoidal": "PE[pos, 2i] = sin(pos / base^(2i/d_model)),  PE[pos, 2i+1] = cos(pos / base^(2i/d_model));  "
+                  "X = X + PE",
     "learned": "PE = table[:seq] (a trained (max_len, d_model) table);  X = X + PE",
     "rope": "pair (a, b) of q and k at position pos, angle t = pos · base^(-2i/d_head):  "
             "a' = a·cos t − b·sin t,  b' = a·sin t + b·cos t",

@@ -10,7 +10,6 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-
 PREVIEW_EDGE = 4                 # rows/columns kept at each end of a big array
 
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from attntrace.core.stats import Preview, Stats
 from attntrace.errors import Diagnosis
 from attntrace.hookpoints import point_of, resolve_hook_name
-from attntrace.core.stats import Preview, Stats
+
 
 @dataclass
 class Trace:

@@ -25,6 +25,7 @@ import numpy as np
 
 from attntrace.errors import Location, input_error
 
+
 @dataclass
 class Array:
     """An array from the spec with the place it was written."""
@@ -230,7 +231,8 @@ def _random(options: Any, ctx: SourceContext, path: List) -> np.ndarray:
     shape = options.get("shape")
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise input_error("ATT-E003", f"random.shape must be a list of positive whole numbers, got {describe_value(shape)}",
+        raise input_error("ATT-E003", "random.shape must be a list of positive whole numbers, "
+                                      f"got {describe_value(shape)}",
                           ctx.locate(path + ["shape"]))
     if int(np.prod([float(s) for s in shape])) > MAX_ELEMENTS:
         raise input_error("ATT-E010", f"random.shape {_fmt_shape(shape)} is impossibly large "

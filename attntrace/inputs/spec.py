@@ -18,10 +18,10 @@ import numpy as np
 
 from attntrace.errors import Location, input_error
 from attntrace.hookpoints import resolve_hook_name
-from attntrace.text import did_you_mean
 from attntrace.inputs.expectations import Expectation, read_expectations
 from attntrace.inputs.sources import SOURCE_KINDS, Array, SourceContext, describe_value, load_array, nested_shape
 from attntrace.inputs.yamlload import Document, format_path, load_file
+from attntrace.text import did_you_mean
 
 SPEC_VERSION = 1
 
@@ -138,7 +138,7 @@ class BlockSpec:
     resid_post = ln1 + mlp; the block's output is ln2(resid_post).
     A single-attention spec is one block without norms, MLP or residual."""
 
-    attention: "AttentionSpec"
+    attention: AttentionSpec
     placement: str = "pre"
     ln1: Optional[NormSpec] = None
     ln2: Optional[NormSpec] = None
@@ -213,7 +213,7 @@ class Spec:
     def attention_of(self, layer: Optional[int]) -> AttentionSpec:
         return self.blocks[layer or 0].attention
 
-    def with_attention(self, layer: Optional[int], attention: AttentionSpec) -> "Spec":
+    def with_attention(self, layer: Optional[int], attention: AttentionSpec) -> Spec:
         """A copy with block `layer`'s attention replaced (arrays shared, not copied)."""
         import dataclasses
         if not self.model_blocks:

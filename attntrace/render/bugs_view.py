@@ -19,7 +19,8 @@ def catalogue_table(bugs) -> Table:
     for bug in bugs:
         table.add_row(Text(bug.name, style="bold cyan"), Text.assemble(
             bug.description, "\n",
-            (f"replaces {', '.join(bug.steps)} · caught by {', '.join(bug.caught_by)} · shows when {bug.needs}", "dim")))
+            (f"replaces {', '.join(bug.steps)} · caught by {', '.join(bug.caught_by)} · "
+             f"shows when {bug.needs}", "dim")))
     return table
 
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import numpy as np
 
-from attntrace.errors import input_error
 from attntrace.inputs.files import DATA_SUFFIXES, atomic_write
 
 RENDERED = {".svg": "svg", ".html": "html", ".txt": "text"}    # suffix -> rich export

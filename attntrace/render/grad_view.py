@@ -19,8 +19,15 @@ from attntrace.core.stats import edge_indices
 from attntrace.render.diagnosis import diagnosis_panel
 from attntrace.render.json_view import VALUES_LIMIT
 from attntrace.render.matrix import MatrixView, fmt_number
-from attntrace.render.trace_view import (ViewOptions, _axis_labels, _matrices, _stats_line, header_renderable, matrix_grid,
-                         named_shape)
+from attntrace.render.trace_view import (
+    ViewOptions,
+    _axis_labels,
+    _matrices,
+    _stats_line,
+    header_renderable,
+    matrix_grid,
+    named_shape,
+)
 
 
 class GradientsAsForward:

@@ -31,7 +31,8 @@ def render_hooks(console, rows, actions, with_spec: bool) -> None:
         table.add_row(*cells)
     console.print(table)
     console.print(Text("Names may be aliases (Q, scores, weights ...) or patterns (attn.hook_*).", style="dim"))
-    actions_table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="actions: --hook HOOK:ACTION[=ARG]",
+    actions_table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                          title="actions: --hook HOOK:ACTION[=ARG]",
                           title_justify="left", title_style="bold")
     for heading in ("action", "argument", "what"):
         actions_table.add_column(heading, no_wrap=heading != "what")

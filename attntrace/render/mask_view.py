@@ -105,7 +105,8 @@ def _matrix_for_display(values: np.ndarray) -> np.ndarray:
 def render_mask(console, picture, diagnoses: Sequence, traces=None, precision: int = 3,
                 heads: Optional[Sequence[int]] = None, explicit_convention: bool = False) -> None:
     header = [Text.assemble(("mask ", "dim"), (picture.description, "bold")),
-              Text(f"seq_q={picture.seq_q}  seq_k={picture.seq_k}" + (f"  batch={picture.batch}" if picture.batch > 1 else "")
+              Text(f"seq_q={picture.seq_q}  seq_k={picture.seq_k}"
+                   + (f"  batch={picture.batch}" if picture.batch > 1 else "")
                    + ("   (queries are the last positions: KV-cache decoding)" if picture.seq_q < picture.seq_k else
                       f"   (aligned bottom-right as flash-attn: the first {picture.seq_q - picture.seq_k} queries "
                       "come before every key)" if picture.seq_q > picture.seq_k else ""))]

@@ -1,8 +1,8 @@
 """One matrix as a rich table: token labels, heat colours, numpy-style elision."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 import functools
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -32,7 +32,7 @@ def heat_style(value: float, lo: float, hi: float, diverging: bool) -> Style:
     return _level_style(level, diverging)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _level_style(level: int, diverging: bool) -> Style:
     """One Style per colour level, built once: big traces colour thousands of cells."""
     t = level / _LEVELS

@@ -68,7 +68,8 @@ def _heatmap(picture: PositionsPicture, width: int) -> Group:
     fit = max((width - label_width) // 2, 1)          # two characters a cell
     cols = np.arange(min(table.shape[1], fit))
     if picture.by_head:
-        labels, what = [f"h{h}" for h in rows], f"heads × keys: bias a query at position {picture.seq - 1} gives each key"
+        labels = [f"h{h}" for h in rows]
+        what = f"heads × keys: bias a query at position {picture.seq - 1} gives each key"
     else:
         labels, what = [str(r) for r in rows], "positions (rows) × features (columns)"
     note = f"{what}; ░ low … █ high, range {fmt_number(float(table.min()), 3)} … {fmt_number(float(table.max()), 3)}"

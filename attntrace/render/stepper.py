@@ -156,8 +156,9 @@ class Stepper:
     def _stats(self, trace) -> None:
         from rich import box
         from rich.table import Table
-        from attntrace.render.matrix import fmt_number
+
         from attntrace.core.stats import fmt_shape
+        from attntrace.render.matrix import fmt_number
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
         for heading in ("step", "hook", "shape", "min", "max", "mean"):
             table.add_column(heading, justify="right" if heading in ("min", "max", "mean", "step") else "left")
@@ -177,6 +178,7 @@ class Stepper:
 def stepper_for(console, options, stream=None) -> Stepper:
     """A stepper that renders steps the way `run` does (same heads, batch, precision)."""
     import sys
+
     from attntrace.render.trace_view import header_renderable, step_renderable
     return Stepper(console, stream if stream is not None else sys.stdin,
                    render_step=lambda trace, step: step_renderable(trace, step, options),

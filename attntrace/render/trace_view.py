@@ -109,7 +109,8 @@ def _matrices(trace, hook: str, options: ViewOptions):
             if batch > 1:
                 title_bits.append(f"batch {b}")
             if head_axis is not None and data.shape[head_axis] > 1:
-                kv = local in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k") and plan.size("n_kv_heads") != plan.size("n_heads")
+                kv = (local in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
+                      and plan.size("n_kv_heads") != plan.size("n_heads"))
                 if kv:
                     group = plan.size("n_heads") // plan.size("n_kv_heads")
                     shared = f"query head {h * group}" if group == 1 else \
@@ -163,7 +164,8 @@ def step_renderable(trace, step, options: ViewOptions, width: int = 120):
 def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str) -> list:
     """The matrices of one step laid out as a grid: numbers, or compact heatmaps when
     asked for or when a score step has more than two panels."""
-    compact = options.heatmap if options.heatmap is not None else (split_name(hook)[1] in SCORE_HOOKS and len(views) > 2)
+    compact = options.heatmap if options.heatmap is not None else (
+        split_name(hook)[1] in SCORE_HOOKS and len(views) > 2)
     blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
     if not blocks:
         return []
@@ -174,7 +176,8 @@ def header_renderable(trace) -> Panel:
     plan, spec = trace.plan, trace.spec
     dims = "  ".join(f"{name}={plan.size(name)}" for name in
                      ("batch", "seq_q", "seq_k", "d_model", "n_heads", "n_kv_heads", "d_head", "d_v", "d_out")
-                     if not (name == "seq_k" and not plan.cross) and not (name == "n_kv_heads" and plan.size(name) == plan.size("n_heads"))
+                     if not (name == "seq_k" and not plan.cross)
+                     and not (name == "n_kv_heads" and plan.size(name) == plan.size("n_heads"))
                      and not (name == "d_v" and plan.size("d_v") == plan.size("d_head")))
     tokens = " ".join(spec.tokens[:32]) + (" …" if len(spec.tokens) > 32 else "")
     lines = [Text(dims), Text.assemble(("tokens ", "dim"), tokens)]
