@@ -19,8 +19,8 @@ def did_you_mean(word: object, choices: Iterable[str], *, n: int = 1, cutoff: fl
     return otherwise
 
 
-def format_shape(shape: Sequence[int], style: str = "times") -> str:
-    """A shape as people write it: "(4×8)" (times), "4×8" (bare) or "(4, 8)" (tuple, as numpy prints)."""
+def format_shape(shape: Sequence[int], style: str = "tuple") -> str:
+    """A shape as numpy prints it, "(4, 8)" / "(4,)" (tuple); or "4×8" (bare) and "(4×8)" (times)."""
     dims = [str(int(s)) for s in shape]
     if style == "tuple":
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"

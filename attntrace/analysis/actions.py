@@ -14,7 +14,6 @@ without pickle; `save` writes .npz atomically and never over an input file.
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 from attntrace.core.hooks import HookFn
 from attntrace.errors import InputError, Location, input_error
 from attntrace.hookpoints import HOOKS_BY_NAME, HookPoint, match_hooks
+from attntrace.text import did_you_mean
 
 HOOK_SYNTAX = "HOOK:ACTION[=ARG], e.g. attn.hook_pattern:ablate-head=1"
 
@@ -277,9 +277,9 @@ def make_action(hook: str, action: str, arg: Any, origin: Origin, ctx: ActionCon
         raise exc.prefixed(origin.text) from None
     name = ALIASES.get(action, action)
     if name not in ACTIONS:
-        close = difflib.get_close_matches(action, list(ACTIONS) + list(ALIASES), n=1)
         raise origin.error("ATT-E060", f"unknown hook action '{action}'",
-                           hint=f"did you mean '{close[0]}'?" if close else f"actions: {', '.join(ACTIONS)}")
+                           hint=did_you_mean(action, list(ACTIONS) + list(ALIASES),
+                                             otherwise=f"actions: {', '.join(ACTIONS)}"))
     spec = ACTIONS[name]
     if spec.needs_argument and arg in (None, ""):
         raise origin.error("ATT-E060", f"{name} needs an argument: {name}={spec.argument}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -28,6 +27,7 @@ from attntrace.analysis.run import prepare, rerun_with, run
 from attntrace.core import engine, masks, ops
 from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
 from attntrace.hookpoints import PROJECTIONS
+from attntrace.text import did_you_mean
 
 StepFn = Callable[[engine.State], np.ndarray]
 Notes = List[Diagnosis]
@@ -372,9 +372,8 @@ CATALOGUE: Dict[str, Bug] = {bug.name: bug for bug in (
 def get_bug(name: str) -> Bug:
     if name in CATALOGUE:
         return CATALOGUE[name]
-    close = difflib.get_close_matches(name, list(CATALOGUE), n=1, cutoff=0.5)
     raise input_error("ATT-E034", f"--inject: there is no bug named '{name}'",
-                      hint=f"did you mean '{close[0]}'?" if close else "`attntrace bugs` lists them")
+                      hint=did_you_mean(name, CATALOGUE, cutoff=0.5, otherwise="`attntrace bugs` lists them"))
 
 
 # =========================================================================== running with a bug

@@ -37,18 +37,15 @@ from attntrace.core.plan import Plan, output_width
 from attntrace.errors import Diagnosis, Location, Operand, ShapeError
 from attntrace.hookpoints import PROJECTIONS as PROJECTION_TABLE
 from attntrace.hookpoints import point_of
+from attntrace.text import format_shape
 
 # weight -> (step, result symbol, heads axis, width axis), from the one projection table
 PROJECTIONS = {weight: (step, point_of("attn.hook_" + step).symbol, heads, width)
                for weight, (_, step, heads, width, _) in PROJECTION_TABLE.items()}
 
 
-def shape_text(shape: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in shape)
 
 
-def _tuple_text(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _product(shape: Sequence[int]) -> int:
@@ -135,11 +132,11 @@ class Operands:
     def projection_origin(self, weight: str, then: str = "split heads", head: Optional[int] = 0) -> str:
         """`X(4×6) @ W_q(6×6) → split heads → head 0` (with PE, RoPE and .T as the plan has them)."""
         encoder = self.spec.is_cross and weight in ("W_k", "W_v")
-        x = f"{self.x_name(encoder)}({shape_text(self.hand_x_shape(encoder))})"
+        x = f"{self.x_name(encoder)}({format_shape(self.hand_x_shape(encoder), 'bare')})"
         if not encoder and self.plan.positional in ("sinusoidal", "learned"):
             x = f"({x} + PE)"
         w = getattr(self.att, weight)
-        text = f"{x} @ {weight}{'.T' if self.linear else ''}({shape_text(w.shape)})"
+        text = f"{x} @ {weight}{'.T' if self.linear else ''}({format_shape(w.shape, 'bare')})"
         if then:
             text += f" → {then}"
         if self.plan.positional == "rope" and weight in ("W_q", "W_k"):
@@ -215,7 +212,7 @@ class _Checker:
                     "ATT-E102", key, f"{tokens} tokens but {rows} embedding rows in {where}",
                     [self.ops.x(encoder, conflict=x.data.ndim - 2)], ["seq_k" if encoder else "seq_q"],
                     details=[f"the rows of {where} are tokens: ({'seq_k' if encoder else 'seq'}={tokens}, "
-                             f"d_model) was expected, {_tuple_text(x.shape)} was given"],
+                             f"d_model) was expected, {format_shape(x.shape)} was given"],
                     hint=("its columns match the tokens: the matrix looks transposed (d_model, seq)"
                           if looks_transposed else "give one embedding row per token"),
                     locations=[seq.tokens_location])
@@ -236,7 +233,7 @@ class _Checker:
             t = pos.table
             q, d = self.plan.size("seq_q"), self.plan.size("d_model")
             if t.data.ndim != 2 or t.shape[0] < q or t.shape[1] != d:
-                self.report("ATT-E109", "pos", f"learned table {shape_text(t.shape)} needs at least "
+                self.report("ATT-E109", "pos", f"learned table {format_shape(t.shape, 'bare')} needs at least "
                             f"seq={q} rows and d_model={d} columns",
                             [Operand("PE", t.shape, ("max_len", "d_model")[:t.data.ndim], "positional.table",
                                      t.location, 1 if t.data.ndim == 2 and t.shape[1] != d else 0)],
@@ -314,7 +311,7 @@ class _Checker:
         if bias is None or (bias.data.ndim == 1 and bias.shape[0] == width):
             return
         key = PROJECTIONS[name][0] if name in PROJECTIONS else "out"
-        self.report("ATT-E107", key, f"{bias_name} has shape {_tuple_text(bias.shape)}; {name} gives "
+        self.report("ATT-E107", key, f"{bias_name} has shape {format_shape(bias.shape)}; {name} gives "
                     f"{width} columns, so {bias_name} needs {width} numbers",
                     [Operand(bias_name, bias.shape, ("d_out",) if bias.data.ndim == 1 else (),
                              f"{self.ops.where}.{bias_name}, added to every row of X @ {name}", bias.location,
@@ -375,7 +372,7 @@ class _Checker:
                 details = alignment_table(placed, (b, h, q, k), scores_axes, "mask")
                 if len(shape) == 3:
                     details.insert(1, "  a 3-axis mask is read as (batch, seq_q, seq_k): it gets a head axis of 1")
-                self.report("ATT-E108", "mask", f"mask matrix {_tuple_text(shape)} does not fit the scores "
+                self.report("ATT-E108", "mask", f"mask matrix {format_shape(shape)} does not fit the scores "
                             f"(batch={b}, n_heads={h}, seq_q={q}, seq_k={k})",
                             [Operand("mask", shape, mask_axes, f"{self.ops.where}.mask (True = may attend)",
                                      m.matrix.location, _first_conflict(placed, (b, h, q, k)))],
@@ -389,7 +386,7 @@ class _Checker:
                 conflict = _first_conflict(placed, (b, h, q, k))
                 batch_only = len(shape) == 2 and shape[1] == k
                 self.report("ATT-E106" if batch_only else "ATT-E108", "mask",
-                            f"padding {_tuple_text(shape)} must be (seq_k={k},) or (batch={b}, seq_k={k})",
+                            f"padding {format_shape(shape)} must be (seq_k={k},) or (batch={b}, seq_k={k})",
                             [Operand("padding", shape, ("batch", "seq_k")[-len(shape):] if len(shape) <= 2 else (),
                                      f"{self.ops.where}.mask.padding (1 = real token)", m.padding.location,
                                      conflict)],
@@ -408,7 +405,7 @@ class _Checker:
         for part in ("weight", "bias"):
             array = getattr(norm, part)
             if array is not None and tuple(array.shape) != (d,):
-                self.report("ATT-E110", key, f"{where}.{part} has shape {_tuple_text(array.shape)}; a norm "
+                self.report("ATT-E110", key, f"{where}.{part} has shape {format_shape(array.shape)}; a norm "
                             f"scales each of the d_model={d} features, so it needs ({d},)",
                             [Operand(f"{where}.{part}", array.shape, ("d_model",)[:array.data.ndim],
                                      f"{where}.{part}", array.location, 0)], ["d_model"],
@@ -460,8 +457,8 @@ class _Checker:
                 shape = (m,) if name in ("b_in", "b_gate", "b_up") else (d,)
                 axes = ("d_mlp",) if shape == (m,) else ("d_model",)
             if tuple(array.shape) != shape:
-                self.report("ATT-E110", steps[name], f"{where}.{name} has shape {_tuple_text(array.shape)}; "
-                            f"with d_model={d} and d_mlp={m} it must be {_tuple_text(shape)}"
+                self.report("ATT-E110", steps[name], f"{where}.{name} has shape {format_shape(array.shape)}; "
+                            f"with d_model={d} and d_mlp={m} it must be {format_shape(shape)}"
                             + (" (layout: linear stores (out, in))" if linear and name.startswith("W_") else ""),
                             [Operand(f"{where}.{name}", array.shape, axes if array.data.ndim == len(axes) else (),
                                      f"{where}.{name}", array.location)], ["d_model", "d_mlp"],
@@ -481,7 +478,7 @@ class _Checker:
                 self.warn("ATT-W222", PROJECTIONS.get(name, ("out",))[0],
                           f"{name} comes from '{key}', a name nn.Linear weights carry; nn.Linear stores "
                           f"(out, in), but the layout is x_at_w (in, out). {name} is square "
-                          f"({shape_text(w.shape)}), so its shape cannot tell the two apart",
+                          f"({format_shape(w.shape, 'bare')}), so its shape cannot tell the two apart",
                           [self.ops.weight(name)], ["d_model"],
                           hint=f"if these are nn.Linear weights, set `layout: linear` in {self.ops.where}")
 
@@ -596,8 +593,8 @@ def check_matmul(plan: Plan, key: str, left: Operand, right: Operand, head: Opti
         raise ShapeError(make_diagnosis(
             plan, key, "ATT-E101", f"{left.name} @ {right.name} contracts {left.name}'s {la}={ls} with "
             f"{right.name}'s {ra}={rs}", [left, right], [la, ra],
-            details=[f"({shape_text(left.shape)}) @ ({shape_text(right.shape)}): the inner sizes {ls} and {rs} "
-                     f"must be equal"], hint=hint, head=head, locations=locations))
+            details=[f"({format_shape(left.shape, 'bare')}) @ ({format_shape(right.shape, 'bare')}): "
+                     f"the inner sizes {ls} and {rs} must be equal"], hint=hint, head=head, locations=locations))
     if la != ra and ls != 1:
         left.conflict_axis, right.conflict_axis = len(left.shape) - 1, len(right.shape) - 2
         return make_diagnosis(
@@ -617,9 +614,9 @@ def check_reshape(plan: Plan, key: str, operand: Operand, target: Sequence[Tuple
     have, want = _product(operand.shape), _product(sizes)
     if have != want:
         raise ShapeError(make_diagnosis(
-            plan, key, "ATT-E103", f"{operand.name} {_tuple_text(operand.shape)} cannot be reshaped to "
+            plan, key, "ATT-E103", f"{operand.name} {format_shape(operand.shape)} cannot be reshaped to "
             f"({', '.join(f'{n}={s}' for n, s in target)})", [operand], names,
-            details=[f"{have} = {shape_text(operand.shape)} cannot become {_tuple_text(sizes)} = {want}"],
+            details=[f"{have} = {format_shape(operand.shape, 'bare')} cannot become {format_shape(sizes)} = {want}"],
             hint=hint))
     before = _visible(*_atoms(plan, operand.axes, operand.shape))
     after = _visible(*_atoms(plan, names, sizes))
@@ -654,8 +651,8 @@ def check_broadcast(plan: Plan, key: str, target: Operand, operand: Operand,
     if conflict is not None:
         operand.conflict_axis = conflict
         raise ShapeError(make_diagnosis(
-            plan, key, "ATT-E108", f"{operand.name} {_tuple_text(operand.shape)} does not broadcast to "
-            f"{target.name} {_tuple_text(target.shape)}", [target, operand], list(target.axes),
+            plan, key, "ATT-E108", f"{operand.name} {format_shape(operand.shape)} does not broadcast to "
+            f"{target.name} {format_shape(target.shape)}", [target, operand], list(target.axes),
             details=alignment_table(placed, target.shape, target.axes, operand.name), hint=hint))
     n = len(target.axes)
     mine = [None] * (n - len(operand.axes)) + list(operand.axes)

@@ -33,6 +33,7 @@ from attntrace.analysis.cells import axis_label, cell_label
 from attntrace.errors import Diagnosis, Location, ShapeError, input_error
 from attntrace.hookpoints import point_of
 from attntrace.inputs.expectations import Coordinate, Expectation
+from attntrace.text import did_you_mean
 
 ROUNDING_SLACK = 1e-9          # 0.05 written for a true 0.045 is "2 decimals" despite float error
 
@@ -237,10 +238,8 @@ def _index(coord: Coordinate, axis: str, size: int, spec, key: str, name: str) -
             return found[0]
         number = re.fullmatch(r"[dc]?(\d+)", value.strip())
         if number is None:
-            import difflib
-            close = difflib.get_close_matches(value, list(tokens or []), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else (
-                f"the tokens are: {' '.join(tokens)}" if tokens else f"{axis} is indexed by numbers from 0")
+            hint = did_you_mean(value, tokens or [], otherwise=f"the tokens are: {' '.join(tokens)}" if tokens
+                                else f"{axis} is indexed by numbers from 0")
             raise input_error("ATT-E066", f"expect.{name}: no {key} '{value}' on the {axis} axis",
                               coord.location, hint=hint)
         value = int(number.group(1))

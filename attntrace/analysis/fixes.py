@@ -9,9 +9,10 @@ a fix that clears every problem says so.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from attntrace.errors import Diagnosis
+from attntrace.text import format_shape
 
 Candidate = Tuple[str, Callable]
 NEAREST = 2              # heads / kv_heads values tried: this many divisors on each side
@@ -33,8 +34,6 @@ def _flat(array):
     return dataclasses.replace(array, data=array.data.reshape(-1))
 
 
-def _shape(shape: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in shape)
 
 
 def _nearest_divisors(n: int, current: int, limit: Optional[int] = None) -> List[int]:
@@ -50,7 +49,7 @@ def _transpose_candidates(spec) -> Iterator[Candidate]:
     for name in ("W_q", "W_k", "W_v", "W_o"):
         w = getattr(att, name)
         if w is not None and w.data.ndim == 2 and w.shape[0] != w.shape[1]:
-            yield (f"transpose {name}: write it as {_shape(w.shape[::-1])} ({name}.T), at {w.location}",
+            yield (f"transpose {name}: write it as {format_shape(w.shape[::-1], 'bare')} ({name}.T), at {w.location}",
                    lambda s, n=name: _with_attention(s, **{n: _transposed(getattr(s.attention, n))}))
     wrong = [n for n in ("W_q", "W_k", "W_v") if getattr(att, n).data.ndim == 2
              and getattr(att, n).shape[0] != getattr(att, n).shape[1]]
@@ -63,19 +62,20 @@ def _transpose_candidates(spec) -> Iterator[Candidate]:
         if x.data.ndim == 2 and x.shape[0] != x.shape[1]:
             field = "encoder" if encoder else "source"
             where = "encoder.embeddings" if encoder else "embeddings"
-            yield (f"transpose {where}: one row per token ({_shape(x.shape[::-1])}), at {x.location}",
+            yield (f"transpose {where}: one row per token ({format_shape(x.shape[::-1], 'bare')}), at {x.location}",
                    lambda s, f=field: dataclasses.replace(s, **{f: dataclasses.replace(
                        getattr(s, f), embeddings=_transposed(getattr(s, f).embeddings))}))
     mask = att.mask
     if mask.matrix is not None and mask.matrix.data.ndim == 2 and mask.matrix.shape[0] != mask.matrix.shape[1]:
-        yield (f"transpose the mask matrix: rows are queries, columns keys ({_shape(mask.matrix.shape[::-1])})",
+        flipped = format_shape(mask.matrix.shape[::-1], "bare")
+        yield (f"transpose the mask matrix: rows are queries, columns keys ({flipped})",
                lambda s: _with_mask(s, matrix=_transposed(s.attention.mask.matrix)))
     if mask.padding is not None and mask.padding.data.ndim == 2:
-        yield (f"transpose mask.padding: one row per batch item ({_shape(mask.padding.shape[::-1])})",
+        yield (f"transpose mask.padding: one row per batch item ({format_shape(mask.padding.shape[::-1], 'bare')})",
                lambda s: _with_mask(s, padding=_transposed(s.attention.mask.padding)))
     pos = spec.positional
     if pos.table is not None and pos.table.data.ndim == 2:
-        yield (f"transpose positional.table: one row per position ({_shape(pos.table.shape[::-1])})",
+        yield (f"transpose positional.table: one row per position ({format_shape(pos.table.shape[::-1], 'bare')})",
                lambda s: dataclasses.replace(s, positional=dataclasses.replace(
                    s.positional, table=_transposed(s.positional.table))))
 
@@ -100,7 +100,7 @@ def _size_candidates(spec) -> Iterator[Candidate]:
     for name in ("b_q", "b_k", "b_v", "b_o"):
         b = getattr(att, name)
         if b is not None and b.data.ndim > 1 and b.data.size == max(b.shape):
-            yield (f"write {name} as one flat list of {b.data.size} numbers, not {_shape(b.shape)}",
+            yield (f"write {name} as one flat list of {b.data.size} numbers, not {format_shape(b.shape, 'bare')}",
                    lambda s, n=name: _with_attention(s, **{n: _flat(getattr(s.attention, n))}))
 
 

@@ -16,7 +16,6 @@ fire in backward order, so a replaced gradient flows on to the earlier steps.
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ from attntrace.core.hooks import HookFn, HookSet
 from attntrace.core.stats import Stats, array_stats
 from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
 from attntrace.hookpoints import resolve_hook_name
+from attntrace.text import did_you_mean
 
 GRAD_SUFFIX = "_grad"
 DOUT_FORMULAS = {"sum": "dout = 1 everywhere", "mean": "dout = 1 / out.size everywhere",
@@ -174,9 +174,7 @@ def resolve_grad_name(name: str, points: Sequence[GradPoint]) -> str:
         found = _grad_of(of, points)
         if found:
             return found
-    close = difflib.get_close_matches(name, names, n=2, cutoff=0.5)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-        "gradients: " + ", ".join(names)
+    hint = did_you_mean(name, names, n=2, cutoff=0.5, otherwise="gradients: " + ", ".join(names))
     raise input_error("ATT-E015", f"unknown gradient '{name}'", hint=hint)
 
 

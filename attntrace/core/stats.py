@@ -6,7 +6,7 @@ can show a 4k-token run without the engine keeping every 4k×4k matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -138,5 +138,3 @@ def row_winners(pattern: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 
-def fmt_shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"

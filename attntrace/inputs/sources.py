@@ -14,7 +14,6 @@ File paths are relative to the spec's folder.  Every failure is an
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 import zipfile
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attntrace.errors import Location, input_error
+from attntrace.text import did_you_mean, format_shape
 
 
 @dataclass
@@ -92,8 +92,8 @@ def nested_shape(value: Any, ctx: SourceContext, path: List, allow_bool: bool) -
             if shape != first:
                 raise input_error(
                     "ATT-E004",
-                    f"ragged list: item {i} has shape {_fmt_shape(shape)} but item 0 has "
-                    f"{_fmt_shape(first)}", ctx.locate(path + [i]),
+                    f"ragged list: item {i} has shape {format_shape(shape)} but item 0 has "
+                    f"{format_shape(first)}", ctx.locate(path + [i]),
                     hint="every row of a matrix needs the same number of values")
         return (len(value),) + first
     if isinstance(value, bool):
@@ -121,8 +121,7 @@ def _from_mapping(value: dict, ctx: SourceContext, path: Sequence, allow_bool: b
         unknown = [str(k) for k in value if k not in SOURCE_KINDS and k != "key"]
         hint = None
         if unknown:
-            close = difflib.get_close_matches(unknown[0], SOURCE_KINDS, n=2)
-            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
+            hint = did_you_mean(unknown[0], SOURCE_KINDS, n=2)
         raise input_error(
             "ATT-E002", f"an array source needs exactly one of {', '.join(SOURCE_KINDS)}; got "
                         f"{', '.join(map(str, value)) or 'an empty mapping'}", ctx.locate(path), hint=hint)
@@ -213,10 +212,9 @@ def _load_safetensors(file: Path, key: str, ctx: SourceContext, path: List) -> n
 
 
 def _missing_key(key: str, available: List[str], file: Path, ctx: SourceContext, path: List):
-    close = difflib.get_close_matches(key, available, n=1)
     listing = ", ".join(sorted(available)[:12]) + (" ..." if len(available) > 12 else "")
     return input_error("ATT-E007", f"no array named '{key}' in {file.name} (it holds: {listing})",
-                       ctx.locate(path + ["key"]), hint=f"did you mean '{close[0]}'?" if close else None)
+                       ctx.locate(path + ["key"]), hint=did_you_mean(key, available))
 
 
 def _random(options: Any, ctx: SourceContext, path: List) -> np.ndarray:
@@ -225,9 +223,9 @@ def _random(options: Any, ctx: SourceContext, path: List) -> np.ndarray:
                           ctx.locate(path))
     for key in options:
         if key not in ("shape", "seed", "std", "mean"):
-            close = difflib.get_close_matches(str(key), ["shape", "seed", "std", "mean"], n=1)
             raise input_error("ATT-E002", f"unknown key '{key}' in random", ctx.locate(path + [key]),
-                              hint=f"did you mean '{close[0]}'?" if close else "random takes shape, seed, std, mean")
+                              hint=did_you_mean(key, ["shape", "seed", "std", "mean"],
+                                                otherwise="random takes shape, seed, std, mean"))
     shape = options.get("shape")
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
@@ -235,7 +233,7 @@ def _random(options: Any, ctx: SourceContext, path: List) -> np.ndarray:
                                       f"got {describe_value(shape)}",
                           ctx.locate(path + ["shape"]))
     if int(np.prod([float(s) for s in shape])) > MAX_ELEMENTS:
-        raise input_error("ATT-E010", f"random.shape {_fmt_shape(shape)} is impossibly large "
+        raise input_error("ATT-E010", f"random.shape {format_shape(shape)} is impossibly large "
                                       f"(more than {MAX_ELEMENTS:,} values)", ctx.locate(path + ["shape"]))
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -258,7 +256,7 @@ def _checked_dtype(array: np.ndarray, ctx: SourceContext, path: Sequence, allow_
         raise input_error("ATT-E005", f"array has dtype {array.dtype}; a real-valued numeric array is needed",
                           ctx.locate(path))
     if array.size == 0:
-        raise input_error("ATT-E010", f"array is empty (shape {_fmt_shape(array.shape)})", ctx.locate(path))
+        raise input_error("ATT-E010", f"array is empty (shape {format_shape(array.shape)})", ctx.locate(path))
     return np.asarray(array, dtype=np.float64)
 
 
@@ -290,5 +288,3 @@ def describe_value(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"

@@ -8,7 +8,6 @@ Every array keeps the :class:`~attntrace.errors.Location` it came from.
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,8 +267,7 @@ class _Reader:
     def check_keys(self, mapping: Dict, allowed: Sequence[str], path: List, what: str) -> None:
         for key in mapping:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-                hint = f"did you mean '{close[0]}'?" if close else f"{what} takes: {', '.join(allowed)}"
+                hint = did_you_mean(key, allowed, otherwise=f"{what} takes: {', '.join(allowed)}")
                 raise input_error("ATT-E002", f"unknown key '{key}' in {what}", self.locate(path + [key]),
                                   hint=hint)
 
@@ -357,11 +355,10 @@ class _Reader:
             raise input_error("ATT-E003", "grad takes either `loss:` or `upstream:` (the upstream gradient "
                                           "defines the loss L = Σ upstream ⊙ out)", self.locate(path + ["loss"]))
         if upstream is None and loss not in GRAD_LOSSES:
-            close = difflib.get_close_matches(str(loss), GRAD_LOSSES, n=1)
             raise input_error("ATT-E003", f"grad.loss must be one of {', '.join(GRAD_LOSSES)}, got "
                                           f"{describe_value(loss)}", self.locate(path + ["loss"]),
-                              hint=f"did you mean '{close[0]}'?" if close else
-                              "or give dL/dout by hand: grad: {upstream: [[1, 0], [0, 1]]}")
+                              hint=did_you_mean(loss, GRAD_LOSSES, otherwise="or give dL/dout by hand: "
+                                                "grad: {upstream: [[1, 0], [0, 1]]}"))
         return GradSpec(loss=loss, upstream=upstream, location=self.locate(path))
 
     def sequence(self, mapping: Dict, path: List, what: str) -> Sequence_:
@@ -405,10 +402,8 @@ class _Reader:
         rows = []
         for i, token in enumerate(tokens):
             if token not in vectors:
-                close = difflib.get_close_matches(token, list(vectors), n=1)
                 raise input_error("ATT-E002", f"token '{token}' has no row in the embeddings table",
-                                  self.locate(path + ["tokens", i]),
-                                  hint=f"did you mean '{close[0]}'?" if close else None)
+                                  self.locate(path + ["tokens", i]), hint=did_you_mean(token, vectors))
             rows.append(vectors[token])
         widths = {r.shape for r in rows}
         if len(widths) > 1 or next(iter(widths)) != rows[0].shape or rows[0].ndim != 1:
@@ -556,10 +551,9 @@ class _Reader:
         if isinstance(value, list):
             return MaskSpec(matrix=self.mask_array(value, path, "mask", "keep"), location=self.locate(path))
         if isinstance(value, str):
-            close = difflib.get_close_matches(value, ["none", "causal"], n=1)
             raise input_error("ATT-E003", f"unknown mask '{value}'", self.locate(path),
-                              hint=f"did you mean '{close[0]}'?" if close else
-                              "mask is none, causal, a matrix, or a mapping of causal/padding/window/prefix")
+                              hint=did_you_mean(value, ["none", "causal"], otherwise="mask is none, causal, a "
+                                                "matrix, or a mapping of causal/padding/window/prefix"))
         block = self.mapping(value, path, "mask")
         self.check_keys(block, MASK_KEYS, path, "mask")
         mask = MaskSpec(location=self.locate(path))
@@ -636,10 +630,9 @@ class _Reader:
                 raise input_error("ATT-E002", "a learned positional encoding needs its table",
                                   self.locate(path), hint="positional: {kind: learned, table: {npy: pos.npy}} "
                                                           "with the table (max_len, d_model)")
-            close = difflib.get_close_matches(value, POSITIONAL_KINDS, n=1)
             raise input_error("ATT-E003", f"unknown positional encoding '{value}'", self.locate(path),
-                              hint=f"did you mean '{close[0]}'?" if close else
-                              f"positional is one of {', '.join(POSITIONAL_KINDS)}")
+                              hint=did_you_mean(value, POSITIONAL_KINDS,
+                                                otherwise=f"positional is one of {', '.join(POSITIONAL_KINDS)}"))
         block = self.mapping(value, path, "positional")
         self.check_keys(block, ("kind", "table", "base", "pairing"), path, "positional")
         kind = block.get("kind")

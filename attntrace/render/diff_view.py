@@ -6,12 +6,12 @@ from rich.table import Table
 from rich.text import Text
 
 from attntrace.analysis.expect import number
-from attntrace.core.stats import fmt_shape
+from attntrace.text import format_shape
 
 
 def _status(h) -> Text:
     if not h.comparable:
-        return Text(f"shape {fmt_shape(h.shape_a)} vs {fmt_shape(h.shape_b)}", style="bold red")
+        return Text(f"shape {format_shape(h.shape_a)} vs {format_shape(h.shape_b)}", style="bold red")
     if h.same:
         return Text("same", style="green")
     return Text(f"{h.differing}/{h.cells}", style="red")

@@ -157,8 +157,8 @@ class Stepper:
         from rich import box
         from rich.table import Table
 
-        from attntrace.core.stats import fmt_shape
         from attntrace.render.matrix import fmt_number
+        from attntrace.text import format_shape
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
         for heading in ("step", "hook", "shape", "min", "max", "mean"):
             table.add_column(heading, justify="right" if heading in ("min", "max", "mean", "step") else "left")
@@ -167,7 +167,8 @@ class Stepper:
             if st is None:
                 break
             show = lambda v: "-" if v is None else fmt_number(v, 4)  # noqa: E731
-            table.add_row(str(step.number), step.hook, fmt_shape(st.shape), show(st.min), show(st.max), show(st.mean))
+            table.add_row(str(step.number), step.hook, format_shape(st.shape), show(st.min), show(st.max),
+                          show(st.mean))
         self.console.print(table)
 
     def _help(self) -> None:
