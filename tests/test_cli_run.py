@@ -1,6 +1,7 @@
 """`attntrace run` as a user runs it: built-in example, configs, options, JSON, big inputs."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def test_steps_by_number_alias_and_pattern(invoke):
 
 def test_unknown_step_suggests(invoke):
     code, out = invoke("run", SEED002, "--steps", "attn.hook_patern")
-    assert code == 2 and "ATT-E015" in out and "attn.hook_pattern" in out and "Traceback" not in out
+    assert code == 2 and "ATT-E015" in out and "attn.hook_pattern" in out
     code, out = invoke("run", SEED002, "--steps", "99")
     assert code == 2 and "no step 99" in out
 
@@ -159,3 +160,18 @@ def test_api_run_from_path_and_dict():
     trace = attntrace.run({"tokens": ["a"], "embeddings": [[2.0]],
                            "attention": {"W_q": [[1.0]], "W_k": [[1.0]], "W_v": [[3.0]]}})
     assert trace.hand_view("output").tolist() == [[6.0]]
+
+
+@pytest.mark.parametrize("spec_text, exit_code, code", [
+    ("version: 1\ntokens: [A\n", 2, "ATT-E001"),                            # YAML syntax
+    ("version: 1\nembeddings: [[1, 2]]\nattention: {W_q: [[1]], W_k: [[1]], W_v: [[1]]}\n", 3, "ATT-E101"),
+])
+def test_bad_input_in_a_real_process_shows_no_traceback(tmp_path, spec_text, exit_code, code):
+    """The CLI in its own process (not click's runner, which would hide a traceback): a message, never a traceback."""
+    path = tmp_path / "broken.yaml"
+    path.write_text(spec_text, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "attntrace", "run", str(path)], capture_output=True, text=True,
+                            cwd=ROOT, env=dict(os.environ, NO_COLOR="1"))
+    assert result.returncode == exit_code
+    assert code in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
