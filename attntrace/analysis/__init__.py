@@ -1,0 +1,1 @@
+"""The analysis layer: diagnosis, invariant checks, bug catalogue, expectations, diffs, head scores."""

@@ -1,0 +1,1 @@
+"""The core layer: hook points, pure kernels, plan, engine and trace."""
