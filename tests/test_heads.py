@@ -152,6 +152,20 @@ def test_detection_patterns_follow_transformer_lens():
     patterns = detection_patterns(ids)
     np.testing.assert_array_equal(patterns["duplicate_token"][0], tl_duplicate(ids))
     np.testing.assert_array_equal(patterns["induction"][0], tl_induction(ids))
+    # padded tokens (any id) take part in neither pattern: the real block is TL's on the real tokens
+    for real in ([False, True, True, True, False, False], [True, True, True, True, False, False]):
+        real = np.array(real)
+        padded_ids = np.array([2, 1, 2, 1, 1, 2])
+        patterns = detection_patterns(padded_ids, real[None])
+        for name, build in (("duplicate_token", tl_duplicate), ("induction", tl_induction)):
+            expected = np.zeros((6, 6), dtype=bool)
+            expected[np.ix_(real, real)] = build(padded_ids[real])
+            np.testing.assert_array_equal(patterns[name][0], expected, err_msg=name)
+    # a gap of padding inside the sequence: still nothing on a padded row or column
+    real = np.array([True, True, True, False, True, True])
+    patterns = detection_patterns(np.array([1, 2, 3, 3, 3, 2]), real[None])
+    for name in ("duplicate_token", "induction"):
+        assert not patterns[name][0][~real].any() and not patterns[name][0][:, ~real].any(), name
 
 
 # --------------------------------------------------------------------------- the loop reference

@@ -38,7 +38,9 @@ Scores (each a (layers, heads) float64 array; SCORE_INFO holds the same table):
                         (get_duplicate_token_head_detection_pattern; the induction pattern is it
                         shifted one key right, then lower-triangular).  exclude_bos zeroes the
                         first real key's column of A, exclude_current_token its diagonal, as
-                        there.  Padded tokens take part in neither A nor D.  Meant for a pattern
+                        there.  Padded tokens take part in neither A nor D; with left or right
+                        padding this is TL's score on the unpadded tokens (neighbours are by
+                        position, so a gap of padding inside a sequence is not bridged).  Meant for a pattern
                         of a repeated random sequence (repeated_random_tokens): a perfect
                         induction head that parks on BOS in the first half scores
                         n / (2n + 1) on BOS + n tokens + the same n tokens, and exactly 1 with
