@@ -235,7 +235,8 @@ def test_trace_equals_values_computed_directly():
                     l_direct = weights.sum()
                     out_direct = weights @ v_full[b, :stop, h]
                     rescale = 1.0 if previous == m else np.exp(previous - m)
-                    assert trace.score_max[b, h, r, j] == pytest.approx(s[b, h, row, trace.key_starts[j]:stop].max(), abs=1e-12)
+                    block_max = s[b, h, row, trace.key_starts[j]:stop].max()
+                    assert trace.score_max[b, h, r, j] == pytest.approx(block_max, abs=1e-12)
                     assert trace.running_max[b, h, r, j] == pytest.approx(m, abs=1e-12)
                     assert trace.running_sum[b, h, r, j] == pytest.approx(l_direct, abs=1e-12)
                     assert trace.rescale[b, h, r, j] == pytest.approx(rescale, abs=1e-12)

@@ -357,7 +357,7 @@ def _safe_shift(row_max: np.ndarray) -> np.ndarray:
 
 def chunked_attention(q, k, v, *, scale: float | None = None, keep: BlockProvider | None = None,
                       bias: BlockProvider | None = None, q_block: int = DEFAULT_BLOCK,
-                      k_block: int = DEFAULT_BLOCK, trace_rows: None | int | Sequence[int] | str = None,
+                      k_block: int = DEFAULT_BLOCK, trace_rows: int | Sequence[int] | str | None = None,
                       stats: bool = False, grid: int | tuple[int, int] = DEFAULT_GRID) -> ChunkedResult:
     """softmax((q·kᵀ)·scale + bias, masked) · v by online softmax, never holding the full pattern.
 
