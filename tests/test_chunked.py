@@ -211,19 +211,22 @@ def test_long_float32_smoke_against_reference_rows():
 # --------------------------------------------------------------------------- the block trace
 
 
-def test_trace_equals_values_computed_directly():
-    q, k, v = make_qkv(seq_q=6, seq_k=11)
-    pad = padding_for(2, 11)
-    keep = full_keep("causal+padding", 2, 6, 11, pad)
+@pytest.mark.parametrize("seq_q,seq_k,kind,q_block,k_block,rows,expected_rows", [
+    (6, 11, "causal+padding", 4, 4, [0, 3, -1], [0, 3, 5]),
+    (10, 10, "causal", 2, 3, "all", list(range(10))),          # tiles above the diagonal are skipped
+])
+def test_trace_equals_values_computed_directly(seq_q, seq_k, kind, q_block, k_block, rows, expected_rows):
+    q, k, v = make_qkv(seq_q=seq_q, seq_k=seq_k)
+    pad = padding_for(2, seq_k)
+    keep = full_keep(kind, 2, seq_q, seq_k, pad)
     _, s, _ = reference(q, k, v, 0.5, keep)
     v_full = np.repeat(v, 2, axis=2)
-    rows = [0, 3, -1]
-    result = chunked_attention(q, k, v, scale=0.5, keep=providers("causal+padding", 6, 11, pad), q_block=4,
-                               k_block=4, trace_rows=rows)
+    result = chunked_attention(q, k, v, scale=0.5, keep=providers(kind, seq_q, seq_k, pad), q_block=q_block,
+                               k_block=k_block, trace_rows=rows)
     trace = result.trace
-    np.testing.assert_array_equal(trace.rows, [0, 3, 5])
-    np.testing.assert_array_equal(trace.key_starts, [0, 4, 8])
-    np.testing.assert_array_equal(trace.key_stops, [4, 8, 11])
+    np.testing.assert_array_equal(trace.rows, expected_rows)
+    np.testing.assert_array_equal(trace.key_starts, np.arange(0, seq_k, k_block))
+    np.testing.assert_array_equal(trace.key_stops, np.minimum(np.arange(0, seq_k, k_block) + k_block, seq_k))
     for b in range(2):
         for h in range(4):
             for r, row in enumerate(trace.rows):
@@ -267,12 +270,13 @@ def pooled_reference(p, row_edges, col_edges):
 
 
 @pytest.mark.parametrize("q_block,k_block,grid", [(1, 1, 4), (3, 5, 4), (4, 16, (3, 7)), (64, 64, 64), (2, 3, 1)])
-@pytest.mark.parametrize("kind", ["none", "causal+padding", "window+padding"])
-def test_stats_equal_those_of_the_full_pattern(q_block, k_block, grid, kind):
-    q, k, v = make_qkv(seq_q=9, seq_k=13)
-    pad = padding_for(2, 13)
-    _, _, p = reference(q, k, v, 1 / math.sqrt(5), full_keep(kind, 2, 9, 13, pad))
-    stats = chunked_attention(q, k, v, keep=providers(kind, 9, 13, pad), q_block=q_block, k_block=k_block,
+@pytest.mark.parametrize("kind", ["none", "causal", "causal+padding", "window+padding"])
+@pytest.mark.parametrize("seq_k", [13, 4])                   # 4: the first queries of a causal mask see nothing
+def test_stats_equal_those_of_the_full_pattern(q_block, k_block, grid, kind, seq_k):
+    q, k, v = make_qkv(seq_q=9, seq_k=seq_k)
+    pad = padding_for(2, seq_k)
+    _, _, p = reference(q, k, v, 1 / math.sqrt(5), full_keep(kind, 2, 9, seq_k, pad))
+    stats = chunked_attention(q, k, v, keep=providers(kind, 9, seq_k, pad), q_block=q_block, k_block=k_block,
                               stats=True, grid=grid).stats
     np.testing.assert_allclose(stats.row_max, p.max(-1), rtol=0, atol=1e-12)
     np.testing.assert_array_equal(stats.row_argmax, p.argmax(-1))
@@ -283,7 +287,7 @@ def test_stats_equal_those_of_the_full_pattern(q_block, k_block, grid, kind):
     assert stats.mean == pytest.approx(p.mean(), abs=1e-12)
     assert stats.size == p.size
     rows, cols = (grid, grid) if isinstance(grid, int) else grid
-    assert len(stats.row_edges) == min(rows, 9) + 1 and len(stats.col_edges) == min(cols, 13) + 1
+    assert len(stats.row_edges) == min(rows, 9) + 1 and len(stats.col_edges) == min(cols, seq_k) + 1
     cells_max, cells_mean = pooled_reference(p, stats.row_edges, stats.col_edges)
     np.testing.assert_allclose(stats.pooled_max, cells_max, rtol=0, atol=1e-12)
     np.testing.assert_allclose(stats.pooled_mean, cells_mean, rtol=0, atol=1e-12)

@@ -322,7 +322,16 @@ class _Tiles:
                                                    self.d_head)
         return block.transpose(0, 2, 3, 1, 4) * self.scale
 
-    def scores(self, query_block: np.ndarray, q_start: int, q_stop: int, k_start: int, k_stop: int) -> np.ndarray:
+    def keep_block(self, q_start: int, q_stop: int, k_start: int, k_stop: int) -> np.ndarray | None:
+        """The tile's mask block, True = may attend; None without a mask."""
+        if self.keep is None:
+            return None
+        span = (q_start, q_stop, k_start, k_stop)
+        block = _checked_block(self.keep(*span), (self.batch, 1, q_stop - q_start, k_stop - k_start), "mask", span)
+        return block.astype(bool, copy=False)
+
+    def scores(self, query_block: np.ndarray, q_start: int, q_stop: int, k_start: int, k_stop: int,
+               keep: np.ndarray | None) -> np.ndarray:
         """(batch, heads, q, k) scaled, biased and masked scores, written into the shared buffer."""
         nq, nk = q_stop - q_start, k_stop - k_start
         grouped = self.buffer[: self.batch * self.heads * nq * nk].reshape(
@@ -335,9 +344,8 @@ class _Tiles:
             bias = _checked_block(self.bias(*span), (self.batch, self.heads, nq, nk), "bias", span)
             scores += bias                  # float64 bias rounds into the scores' dtype: no cast copy
             del bias                        # freed before the mask block is built
-        if self.keep is not None:
-            keep = _checked_block(self.keep(*span), (self.batch, 1, nq, nk), "mask", span)
-            np.copyto(scores, self.dtype.type(-np.inf), where=~keep.astype(bool, copy=False))
+        if keep is not None and not keep.all():
+            np.copyto(scores, self.dtype.type(-np.inf), where=~keep)
         return scores
 
     def mix(self, weights: np.ndarray, k_start: int, k_stop: int) -> np.ndarray:
@@ -414,7 +422,13 @@ def _online_rows(tiles: _Tiles, q_start: int, q_stop: int, k_block: int, trace: 
         inside = (trace.rows >= q_start) & (trace.rows < q_stop)
         traced = (np.flatnonzero(inside), trace.rows[inside] - q_start) if inside.any() else None
     for j, k_start, k_stop in block_ranges(tiles.seq_k, k_block):
-        scores = tiles.scores(queries, q_start, q_stop, k_start, k_stop)
+        keep = tiles.keep_block(q_start, q_stop, k_start, k_stop)
+        if keep is not None and not keep.any():         # every key blocked (e.g. above the causal diagonal):
+            if traced is not None:                      # the tile changes nothing, so skip its products
+                _record(trace, traced, j, np.full(shape, -np.inf, dtype=tiles.dtype), running_max,
+                        np.ones(shape, dtype=tiles.dtype), running_sum, acc)
+            continue
+        scores = tiles.scores(queries, q_start, q_stop, k_start, k_stop, keep)
         block_max = scores.max(axis=-1)
         new_max = np.maximum(running_max, block_max)
         shift = _safe_shift(new_max)
@@ -428,12 +442,16 @@ def _online_rows(tiles: _Tiles, q_start: int, q_stop: int, k_block: int, trace: 
         acc += tiles.mix(scores, k_start, k_stop)
         running_max = new_max
         if traced is not None:
-            where, local = traced
-            for field, values in ((trace.score_max, block_max), (trace.running_max, running_max),
-                                  (trace.rescale, rescale), (trace.running_sum, running_sum)):
-                field[:, :, where, j] = values[:, :, local]
-            trace.partial_out[:, :, where, j] = acc[:, :, local]
+            _record(trace, traced, j, block_max, running_max, rescale, running_sum, acc)
     return acc, running_max, running_sum
+
+
+def _record(trace: BlockTrace, traced, j: int, score_max, running_max, rescale, running_sum, acc) -> None:
+    """Copy the traced rows' state after key block j into the trace."""
+    where, local = traced
+    for field, values in ((trace.score_max, score_max), (trace.running_max, running_max),
+                          (trace.rescale, rescale), (trace.running_sum, running_sum), (trace.partial_out, acc)):
+        field[:, :, where, j] = values[:, :, local]
 
 
 def _grid_shape(grid) -> tuple[int, int]:
@@ -475,7 +493,11 @@ def _pattern_stats(tiles: _Tiles, final_max, final_sum, q_block: int, k_block: i
         total = np.where(total == 0, 1, total)[..., None]
         r0, r1, row_starts = _cells_in(row_edges, q_start, q_stop)
         for _, k_start, k_stop in block_ranges(seq_k, k_block):
-            weights = tiles.scores(queries, q_start, q_stop, k_start, k_stop)
+            keep = tiles.keep_block(q_start, q_stop, k_start, k_stop)
+            if keep is not None and not keep.any():     # all weights 0: only the minimum can notice
+                lowest = 0.0
+                continue
+            weights = tiles.scores(queries, q_start, q_stop, k_start, k_stop, keep)
             np.subtract(weights, shift, out=weights)
             np.exp(weights, out=weights)
             np.divide(weights, total, out=weights)
@@ -488,6 +510,7 @@ def _pattern_stats(tiles: _Tiles, final_max, final_sum, q_block: int, k_block: i
             del col_sums                                            # free it before the maxima's temporaries
             cell_max = np.maximum.reduceat(np.maximum.reduceat(weights, col_starts, axis=3), row_starts, axis=2)
             np.maximum(pooled_max[:, :, r0:r1, c0:c1], cell_max, out=pooled_max[:, :, r0:r1, c0:c1])
+    np.maximum(row_max, 0, out=row_max)                # rows whose every tile was skipped: max weight 0
     total_sum = float(pooled_sum.sum())
     pooled_sum /= np.diff(row_edges)[:, None] * np.diff(col_edges)[None, :]     # in place: now the cell means
     return PatternStats(row_max, row_argmax, row_sums, lowest, float(row_max.max()), total_sum,
