@@ -103,6 +103,13 @@ def test_gpt2_endoftext_as_bos_is_a_sink_not_a_sep():
     assert only(s, "sink") == pytest.approx(np.mean([1, 1 / 2, 1 / 3, 1 / 4]))
 
 
+def test_sep_per_batch_item_from_token_lists():
+    p = np.zeros((2, 1, 3, 3))
+    p[:, 0, :, 2] = 1.0                               # everything on the last token
+    s = head_scores(p[None], tokens=[["a", "b", "</s>"], ["a", "b", "c"]])
+    assert only(s, "sep") == 1.0                      # item 1 has no EOS: left out, not counted as 0
+
+
 def test_explicit_sink_and_sep_positions():
     p = np.full((4, 4), 0.25)
     s = head_scores(one_head(p), sink_positions=[0, 1], sep_positions=np.array([False, False, False, True]))

@@ -16,7 +16,9 @@ al. 2022, FlashAttention).
 
 Scores follow the engine's order: s = (Q·Kᵀ)·scale, + bias (ALiBi), then blocked keys set
 to −inf.  Safe softmax, as in the engine: a row whose every key is blocked keeps m = −inf
-and l = 0 and gets an all-zero output and all-zero weights, never NaN.
+and l = 0 and gets an all-zero output and all-zero weights, never NaN.  A tile whose every
+key is blocked (above a causal diagonal, outside a window) is skipped: it could change
+nothing, and skipping it halves the work of a causal layer.
 
 Masks and biases come from *providers*: functions ``(q_start, q_stop, k_start, k_stop)``
 that return the block only, so no (seq_q × seq_k) matrix is ever built.  Positions follow
@@ -41,6 +43,11 @@ A second, optional pass (``stats=True``) recomputes each weight block p = exp(s 
 the final m and l and reduces it on the spot: per-row max weight, argmax and sum, the min,
 max and sum of the whole pattern, and a pooled heatmap (max and mean over a grid of token
 ranges).  See :func:`working_bytes` for the peak memory.
+
+Speed: the products are tile-sized (b·h small matrices of qb × d_head by d_head × kb), which
+multi-threaded OpenBLAS handles badly on a busy machine (measured here: 6–10× slower
+than with one thread); run with one BLAS thread (threadpoolctl or OPENBLAS_NUM_THREADS=1)
+or larger blocks.  OpenBLAS's own per-thread buffers are outside the memory estimate.
 """
 from __future__ import annotations
 
@@ -156,7 +163,8 @@ class BlockTrace:
     key_stops: np.ndarray       # (k_block,) one past the last key
     score_max: np.ndarray       # (batch, heads, row, k_block) the block's own max score
     running_max: np.ndarray     # (batch, heads, row, k_block) m after the block
-    rescale: np.ndarray         # (batch, heads, row, k_block) exp(m_old − m_new); 1 when m did not change
+    rescale: np.ndarray         # (batch, heads, row, k_block) exp(m_old − m_new): 1 when m did not change
+                                # (also while every key so far is blocked), 0 at the first visible key
     running_sum: np.ndarray     # (batch, heads, row, k_block) l after the block
     partial_out: np.ndarray     # (batch, heads, row, k_block, d_v) acc after the block
 
