@@ -86,6 +86,24 @@ CODES: Dict[str, Code] = {
     "ATT-E130": _shape("the upstream gradient does not have the output's shape"),
     "ATT-E140": _shape("RoPE needs an even d_head"),
     "ATT-E160": _shape("an expectation's values do not have the selected shape"),
+    # ---- the head finder (analysis/heads.py)
+    "ATT-E400": _input("head scores: the attention patterns do not have the shape (batch, heads, seq_q, seq_k)"),
+    "ATT-E401": _input("head scores: a key mask, sink/SEP positions or keep selection has the wrong shape"),
+    "ATT-E402": _input("head scores: token ids or token strings do not match (batch, seq)"),
+    "ATT-E403": _input("head scores: duplicate-token and induction scores need self-attention (seq_q = seq_k)"),
+    "ATT-E404": _input("head scores: the repeated random sequence cannot be built from these arguments"),
+    "ATT-E405": _input("head scores: unknown score name or ranking argument"),
+    "ATT-E406": _input("head scores: a pattern holds NaN, infinity, negative weights or rows not summing to 1"),
+    "ATT-E407": _input("head scores: a sparkline or offset argument is invalid"),
+    # ---- chunked attention (core/chunked.py)
+    "ATT-E410": _input("chunked attention: Q, K and V shapes do not agree"),
+    "ATT-E411": _input("chunked attention: the heads are not a multiple of the kv heads"),
+    "ATT-E412": _input("chunked attention: only float32 and float64 are computed"),
+    "ATT-E413": _input("chunked attention: a block size or pooling grid is invalid"),
+    "ATT-E414": _input("chunked attention: a mask block has the wrong shape or dtype"),
+    "ATT-E415": _input("chunked attention: a bias block has the wrong shape"),
+    "ATT-E416": _input("chunked attention: the traced query rows are invalid"),
+    "ATT-E417": _input("chunked attention: a mask or bias builder argument is invalid"),
     # ---- attntrace itself
     "ATT-E999": Code("internal error: a bug in attntrace (exit 70)", 70),
     # ---- invariant checks and layout hints (warnings; exit 1 under --strict)
