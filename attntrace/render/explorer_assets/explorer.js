@@ -112,9 +112,10 @@
     return Math.abs(v) < 10 ? v.toFixed(2) : v.toPrecision(2);
   }
 
+  // Labels as text a reader can trust: spaces at either end, newlines and tabs made visible.
   function tokenLabel(text) {
     if (text === '') return '⟨empty⟩';
-    return text.replace(/\n/g, '⏎').replace(/\t/g, '⇥');
+    return text.replace(/\n/g, '⏎').replace(/\t/g, '⇥').replace(/^ +| +$/g, (run) => '␣'.repeat(run.length));
   }
 
   const queryTokens = () => layer().query_tokens[state.batch];
@@ -218,10 +219,11 @@
     const out = image.data;
     const acc = state.pool === 'mean' && f > 1 ? new Float64Array(lay.gc) : new Uint8Array(lay.gc);
     const worst = new Uint8Array(lay.gc);          // largest special code per block (mean pooling)
+    const nonZero = new Uint8Array(lay.gc);        // a block of tiny weights is not "exactly 0"
     const scale = (ENC.levels - 1) / (top - 1) / (L.hi - L.lo);
     const zero = cssColour('--zero');
     for (let br = 0; br < lay.gr; br++) {
-      acc.fill(0); worst.fill(0);
+      acc.fill(0); worst.fill(0); nonZero.fill(0);
       const rFirst = v.r0 + br * f, rEnd = Math.min(rFirst + f, v.r0 + v.nr);
       for (let r = rFirst; r < rEnd; r++) {
         let i = r * K + v.c0;
@@ -234,6 +236,7 @@
             for (let c = bc * f; c < cEnd; c++, i++) {
               const code = codes[i];
               if (isSpecial(code)) { if (code > worst[bc]) worst[bc] = code; } else m += values[code];
+              if (code) nonZero[bc] = 1;
             }
           }
           acc[bc] = m;
@@ -246,7 +249,7 @@
         } else {
           const n = (rEnd - rFirst) * (Math.min((bc + 1) * f, v.nc) - bc * f);
           const mean = acc[bc] / n;
-          const rgb = worst[bc] ? specialColour(worst[bc]) : (mean === 0 ? zero : viridis((mean - L.lo) * scale));
+          const rgb = worst[bc] ? specialColour(worst[bc]) : (!nonZero[bc] ? zero : viridis((mean - L.lo) * scale));
           out.set([rgb[0], rgb[1], rgb[2], 255], o);
         }
       }
@@ -365,6 +368,7 @@
     if (lay.cell >= VALUE_CELL) drawValues(ctx, lay);
     drawAxes(ctx, lay);
     state.drawn = `${state.layer}.${state.batch}.${state.head}`;
+    document.documentElement.dataset.drawn = state.drawn;     // tests wait on this (no eval under the CSP)
     drawCursor();
     describeHeat(lay);
   }
@@ -466,6 +470,7 @@
     state.cursor = null;
     drawHeat();
     updateReadout();
+    centreWindows(Math.floor(cq), Math.floor(ck));      // the token view follows to the same place
   }
 
   function setupHeatEvents() {
@@ -658,8 +663,8 @@
     const what = alongKeys ? 'keys' : 'queries';
     const note = $('tok-note');
     note.textContent = '';
-    let text = `${who}: the ${what} shown carry ≈${inside.toFixed(3)} of its weight`;
-    if (start > 0 || end < n) text += `; outside them ≈${before.toFixed(3)} before and ≈${after.toFixed(3)} after`;
+    let text = `${who}: the ${what} shown carry ≈${inside.toFixed(2)} of its weight`;
+    if (start > 0 || end < n) text += `; outside them ≈${before.toFixed(2)} before and ≈${after.toFixed(2)} after`;
     if (nonFinite) text += `; ${nonFinite} NaN/inf`;
     text += '.';
     note.append(text);
@@ -964,10 +969,12 @@
       if (q < v.r0 || q >= v.r0 + v.nr || k < v.c0 || k >= v.c0 + v.nc) return null;
       return { x: lay.left + (Math.floor((k - v.c0) / lay.f) + 0.5) * lay.cell, y: lay.top + (Math.floor((q - v.r0) / lay.f) + 0.5) * lay.cell };
     },
-    pixelAt: (q, k) => {
-      const p = window.attntraceExplorer.cellCenter(q, k), dpr = window.devicePixelRatio || 1;
+    pixelAt: (q, k) => {         // near the cell's top-left corner, clear of a value written in the cell
+      const p = window.attntraceExplorer.cellCenter(q, k), dpr = window.devicePixelRatio || 1, lay = state.layout;
       if (!p) return null;
-      return Array.from(base.getContext('2d', { willReadFrequently: true }).getImageData(Math.floor(p.x * dpr), Math.floor(p.y * dpr), 1, 1).data);
+      const inset = lay.cell / 2 - Math.floor(lay.cell * 0.15);
+      return Array.from(base.getContext('2d', { willReadFrequently: true })
+        .getImageData(Math.floor((p.x - inset) * dpr), Math.floor((p.y - inset) * dpr), 1, 1).data);
     },
     value: (q, k) => weightAt(q, k),
     zoom: (factor, q, k) => zoom(factor, q, k),
