@@ -10,12 +10,28 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-from explorer_cases import (CROSS_KEYS, NAN, NEGINF, POSINF, TOKENS, chunk_codes, decoded, long_data, page_parts,
-                            small_data)
+from explorer_cases import (
+    CROSS_KEYS,
+    NAN,
+    NEGINF,
+    POSINF,
+    TOKENS,
+    chunk_codes,
+    decoded,
+    long_data,
+    page_parts,
+    small_data,
+)
 
 from attntrace.errors import Diagnosis, InputError
-from attntrace.render.explorer import (ExplorerData, ExplorerDiagnosis, ExplorerLayer, explorer_html, explorer_iframe,
-                                       write_explorer)
+from attntrace.render.explorer import (
+    ExplorerData,
+    ExplorerDiagnosis,
+    ExplorerLayer,
+    explorer_html,
+    explorer_iframe,
+    write_explorer,
+)
 
 STEP01 = 1 / 249        # the documented level spacing for patterns (lo 0, hi 1)
 
@@ -28,7 +44,8 @@ def layer_page(pattern, **layer) -> tuple:
 def all_values(meta_layer, chunks) -> np.ndarray:
     """Every head of every batch item decoded, shaped like the input pattern."""
     q, k = meta_layer["seq_q"], meta_layer["seq_k"]
-    heads = [decoded(chunk_codes(chunks[key], q, k), meta_layer["lo"], meta_layer["hi"]) for key in meta_layer["chunks"]]
+    lo, hi = meta_layer["lo"], meta_layer["hi"]
+    heads = [decoded(chunk_codes(chunks[key], q, k), lo, hi) for key in meta_layer["chunks"]]
     return np.array(heads).reshape(meta_layer["batch"], meta_layer["heads"], q, k)
 
 
@@ -103,7 +120,8 @@ def test_layers_tokens_and_diagnoses_in_the_page():
     assert (cross["batch"], cross["seq_k"]) == (2, 5)
     assert cross["query_tokens"] == [TOKENS, TOKENS] and cross["key_tokens"] == [CROSS_KEYS, CROSS_KEYS]
     assert len(chunks) == 3 + 4
-    assert [(d["code"], d["layer"], d["head"]) for d in meta["diagnoses"]] == [("ATT-W250", 0, 2), ("ATT-E130", None, None)]
+    where = [(d["code"], d["layer"], d["head"]) for d in meta["diagnoses"]]
+    assert where == [("ATT-W250", 0, 2), ("ATT-E130", None, None)]
 
 
 def test_positions_label_tokens_when_none_are_given():
@@ -149,7 +167,7 @@ def test_diagnosis_objects_are_accepted():
     (ExplorerLayer("L", np.ones((1, 0, 2, 2))), "ATT-E500", "(1, 0, 2, 2)"),
     (ExplorerLayer("L", [[[[1.0, 0.0]], [[1.0]]]]), "ATT-E500", "not an array"),
     (ExplorerLayer("L", np.ones((1, 1, 2, 2)), query_tokens=["a", "b", "c"]), "ATT-E501", "3 labels for 2"),
-    (ExplorerLayer("L", np.ones((2, 1, 2, 2)), query_tokens=[["a", "b"]]), "ATT-E501", "1 token lists for a batch of 2"),
+    (ExplorerLayer("L", np.ones((2, 1, 2, 2)), query_tokens=[["a", "b"]]), "ATT-E501", "1 token lists for a batch"),
     (ExplorerLayer("L", np.ones((1, 1, 2, 3)), query_tokens=["a", "b"]), "ATT-E501", "no key tokens"),
 ])
 def test_bad_layers_are_input_errors(layer, code, words):

@@ -82,7 +82,8 @@ class Session:
         return self.wait_for(f"html[data-drawn='{key}']")
 
     def api(self, expression, frame=None):
-        return (frame or self.page).evaluate(f"(async () => {{ const x = window.attntraceExplorer; return {expression}; }})()")
+        script = f"(async () => {{ const x = window.attntraceExplorer; return {expression}; }})()"
+        return (frame or self.page).evaluate(script)
 
     def assert_clean(self):
         assert self.requests == [self.url], "the page made a request beyond loading itself"
@@ -150,6 +151,10 @@ def test_page_loads_offline_and_draws_the_constructed_weights(browser, small_pag
     assert f"query 3 «{shown(TOKENS[3])}» → key 1 «{shown(TOKENS[1])}»: {quantised(0.75):.3f} ± 0.0020" in readout
     assert f"{quantised(0.25):.3f}" in s.hover_cell(3, 0)
     assert "0 (exactly)" in s.hover_cell(3, 2)
+    s.page.focus("#heat")                                # the keyboard moves the same cursor: (3, 2) -> (3, 0)
+    s.page.keyboard.press("ArrowLeft")
+    s.page.keyboard.press("ArrowLeft")
+    assert f"query 3 «{shown(TOKENS[3])}» → key 0" in s.page.locator("#readout").inner_text()
     s.select(0, 1)                                       # uniform causal: row 7 holds 1/8 everywhere
     assert f"{quantised(1 / 8):.3f}" in s.hover_cell(7, 4)
     s.shot(tmp_path / "heatmap.png")
@@ -226,14 +231,18 @@ def test_2048_tokens_12_heads_load_pool_and_switch(browser, tmp_path):
     assert close(s.pixel(1000, 999), VIRIDIS_HIGH)
     assert close(s.pixel(1000, 1001), s.css_colour("--zero"))     # masked future key
     assert s.page.locator("#head-grid .head-btn").count() == 12
+    s.wait_for("html[data-thumbs='0.0']")
+    thumb = s.page.evaluate("[...document.querySelectorAll('#head-grid canvas')[0].getContext('2d')"
+                            ".getImageData(63, 63, 1, 1).data].slice(0, 3)")
+    assert close(thumb, VIRIDIS_HIGH)                   # head 0's thumbnail: the diagonal's last block is 1.0
     s.shot(tmp_path / "long.png")
     s.assert_clean()
 
 
 def test_jupyter_fragment_runs_inside_its_iframe(browser, tmp_path):
     host = tmp_path / "notebook.html"
-    host.write_text(f"<!DOCTYPE html><html><body><h1>cell output</h1>{explorer_iframe(small_data(), 900)}</body></html>",
-                    encoding="utf-8")
+    fragment = explorer_iframe(small_data(), 900)
+    host.write_text(f"<!DOCTYPE html><html><body><h1>cell output</h1>{fragment}</body></html>", encoding="utf-8")
     s = Session(browser, host)
     frame = s.page.frame_locator("iframe.attntrace-explorer")
     frame.locator("html[data-ready='true']").wait_for(timeout=LOAD_MS)

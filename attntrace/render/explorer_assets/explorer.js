@@ -759,6 +759,7 @@
         if (serial !== thumbSerial) return;
         drawThumb(grid.children[h].querySelector('canvas'), L, codes, maxCode, f);
       }
+      document.documentElement.dataset.thumbs = `${state.layer}.${state.batch}`;    // tests wait on this
     })().catch(fail);
   }
 
