@@ -104,6 +104,10 @@ CODES: Dict[str, Code] = {
     "ATT-E415": _input("chunked attention: a bias block has the wrong shape"),
     "ATT-E416": _input("chunked attention: the traced query rows are invalid"),
     "ATT-E417": _input("chunked attention: a mask or bias builder argument is invalid"),
+    # ---- the HTML explorer (render/explorer.py)
+    "ATT-E500": _input("explorer: a layer's attention pattern is not a real 4-axis array"),
+    "ATT-E501": _input("explorer: token labels do not fit the pattern"),
+    "ATT-E502": _input("explorer: the explorer data is malformed"),
     # ---- attntrace itself
     "ATT-E999": Code("internal error: a bug in attntrace (exit 70)", 70),
     # ---- invariant checks and layout hints (warnings; exit 1 under --strict)

@@ -71,10 +71,14 @@ def check_targets(paths: Iterable[Path], protected: Iterable[Path]) -> List[Path
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder, then os.replace it over `path`."""
+    """Write through a temporary file in the same folder, then os.replace it over `path`.
+
+    Every failure (a missing or read-only folder, a full disk) is an ATT-E064 input error,
+    and leaves neither a temporary file nor a half-written target behind."""
     path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=str(path.resolve().parent), prefix=f".{path.name}.", suffix=".tmp")
+    temp = None
     try:
+        handle, temp = tempfile.mkstemp(dir=str(path.resolve().parent), prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -82,10 +86,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.chmod(temp, _file_mode(path))      # mkstemp makes 0600; give the usual mode
         os.replace(temp, path)
     except OSError as exc:
-        _remove(temp)
-        raise input_error("ATT-E064", f"cannot write {path}: {exc.strerror or exc}") from None
+        if temp is not None:
+            _remove(temp)
+        raise input_error("ATT-E064", f"cannot write {path}: {exc.strerror or exc}",
+                          hint="check that the folder exists and is writable") from None
     except BaseException:
-        _remove(temp)
+        if temp is not None:
+            _remove(temp)
         raise
 
 

@@ -67,7 +67,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from attntrace.errors import Diagnosis, input_error
-from attntrace.export import atomic_write
+from attntrace.inputs.files import atomic_write
 
 LEVELS = 250            # codes 1..250 are value levels
 CODE_NAN, CODE_POSINF, CODE_NEGINF = 251, 252, 253
@@ -111,7 +111,7 @@ class ExplorerDiagnosis:
     head: Optional[int] = None
 
     @classmethod
-    def from_diagnosis(cls, diagnosis: Diagnosis, layer: Optional[int] = None) -> "ExplorerDiagnosis":
+    def from_diagnosis(cls, diagnosis: Diagnosis, layer: Optional[int] = None) -> ExplorerDiagnosis:
         return cls(code=diagnosis.code, message=diagnosis.message, severity=diagnosis.severity,
                    hint=diagnosis.hint, hook=diagnosis.hook, layer=layer, head=diagnosis.head)
 
