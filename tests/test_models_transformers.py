@@ -297,3 +297,17 @@ def test_minilm_reads_only_the_layers_asked_for(minilm):
         assert layer.W_q.shape == (384, 384)
     layers_read = {int(n.split(".")[2]) for n in weights.tensors_read if n.startswith("encoder.layer.")}
     assert layers_read == {0, 1}
+
+
+def test_numpy_checkpoint_builder_names_what_transformers_saves(tmp_path):
+    """The broken-checkpoint tests build checkpoints with numpy; their names must be transformers' names."""
+    from model_checkpoints import CONFIGS, tensor_shapes
+    from attntrace.models.safetensors_io import open_tensors
+    classes = {"bert": (transformers.BertConfig, transformers.BertModel),
+               "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+               "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}
+    for family, (config_cls, model_cls) in classes.items():
+        settings = {k: v for k, v in CONFIGS[family].items() if k not in ("model_type", "architectures")}
+        model_cls(config_cls(**settings)).save_pretrained(tmp_path / family)
+        saved = open_tensors(tmp_path / family / "model.safetensors")
+        assert {n: saved.info(n).shape for n in saved.names()} == tensor_shapes(family, CONFIGS[family]), family

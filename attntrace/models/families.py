@@ -483,8 +483,8 @@ class ModelWeights:
     def stored_dtypes(self) -> Dict[str, int]:
         """How many of the tensors the map uses are stored in each dtype, e.g. {"BF16": 291}."""
         refs = [*self._globals.values(), *(r for i in range(self.n_layers) for r in self.map.layer_refs(i))]
-        names = {self._name(ref) for ref in refs} - {None}
-        return dict(Counter(self.store.info(name).dtype for name in names))
+        names = {self._name(ref) for ref in refs} | {self.map.lm_head_name}
+        return dict(Counter(self.store.info(name).dtype for name in names if name in self.store))
 
     # ------------------------------------------------------------------ consistency
 

@@ -69,16 +69,17 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
 
 def _pad_choice(tokenizer: Any, config: Optional[ModelConfig]) -> Tuple[int, str, Optional[Diagnosis]]:
     """(pad id, pad token, a warning when the tokenizer did not name its own padding)."""
-    padding = tokenizer.padding
+    padding = tokenizer.padding if tokenizer is not None else None
     if padding and padding.get("pad_token") is not None:
         return int(padding["pad_id"]), padding["pad_token"], None
     candidates = [("config.json pad_token_id", config.pad_token_id if config else None),
                   ("config.json eos_token_id", _first(config.eos_token_id) if config else None),
                   ("id 0", 0)]
     source, pad_id = next((s, i) for s, i in candidates if i is not None)
-    token = tokenizer.id_to_token(pad_id) or f"<{pad_id}>"
+    token = (tokenizer.id_to_token(pad_id) if tokenizer is not None else None) or f"<{pad_id}>"
+    who = "the tokenizer defines" if tokenizer is not None else "ids of different lengths and"
     note = Diagnosis(code="ATT-W303", severity="warning",
-                     message=f"the tokenizer defines no padding: padded with {source} ({pad_id}, {token!r})",
+                     message=f"{who} no padding: padded with {source} ({pad_id}, {token!r})",
                      hint="padding positions are masked out as keys; their own rows are not meaningful")
     return pad_id, token, note
 
@@ -153,7 +154,7 @@ def from_ids(ids, config: Optional[ModelConfig] = None, tokenizer: Any = None,
     warnings: List[Diagnosis] = []
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if min(lengths) < width:
-        pad_id, _, note = _pad_choice(tok, config) if tok is not None else (_ids_pad(config), "", None)
+        pad_id, _, note = _pad_choice(tok, config)
         warnings += [note] if note else []
     ids_array = np.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -167,13 +168,6 @@ def from_ids(ids, config: Optional[ModelConfig] = None, tokenizer: Any = None,
                             tokens=[[names(i) for i in row] for row in ids_array], pad_id=pad_id, warnings=warnings)
     _check_fits(result, config, "ids")
     return result
-
-
-def _ids_pad(config: Optional[ModelConfig]) -> int:
-    for value in ((config.pad_token_id, _first(config.eos_token_id)) if config else ()):
-        if value is not None:
-            return value
-    return 0
 
 
 def _id_rows(ids) -> List[List[int]]:
