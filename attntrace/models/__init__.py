@@ -1,2 +1,7 @@
-"""Models: real checkpoints (config.json, safetensors, tokenizer.json) turned into specs of
-transformer blocks, and captures recorded from PyTorch modules."""
+"""Real models: a checkpoint on disk (or in an installed package) turned into plain numpy weights.
+
+``checkpoint`` finds the files, ``safetensors_io`` reads tensors lazily, ``config`` reads
+config.json into a :class:`~attntrace.models.config.ModelConfig`, ``families`` maps each
+family's tensor names onto the neutral :class:`~attntrace.models.families.ModelWeights`,
+and ``tokenize`` turns text (or ids) into the model's input.  Nothing here imports torch.
+"""
