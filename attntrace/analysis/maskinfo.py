@@ -30,7 +30,7 @@ class ConventionNote:
 
 
 CONVENTION_NOTES: Tuple[ConventionNote, ...] = (
-    ConventionNote("keep", "True / 1", "False / 0",
+    ConventionNote("allow", "True / 1", "False / 0",
                    "PyTorch F.scaled_dot_product_attention (boolean attn_mask); the Annotated "
                    "Transformer and seed 001 (masked_fill(mask == 0, -1e9)); attntrace's attn.hook_mask",
                    "scores.masked_fill(~mask, -inf)"),

@@ -7,7 +7,7 @@ import click
 
 from attntrace.cli.main import format_option, handles_errors
 
-CONVENTION_CHOICES = ("keep", "ignore", "additive", "additive-1e9")
+CONVENTION_CHOICES = ("allow", "ignore", "additive", "additive-1e9", "keep")     # keep: allow's old name
 
 
 def parse_padding(values):
@@ -70,7 +70,8 @@ def resolve_sizes(seq, seq_q, seq_k, tokens, padding_rows):
 @click.option("--seq-k", "seq_k", type=click.IntRange(min=1), help="Number of keys.")
 @click.option("--tokens", help='Key tokens as labels, e.g. "the cat sat <pad>".')
 @click.option("--convention", type=click.Choice(CONVENTION_CHOICES), help="Print the mask in this convention: "
-              "keep (True = may attend), ignore (True = blocked), additive (0 / -inf), additive-1e9 (0 / -1e9).")
+              "allow (True = may attend; also written keep), ignore (True = blocked), additive (0 / -inf), "
+              "additive-1e9 (0 / -1e9).")
 @click.option("--apply", "apply_spec", type=click.Path(dir_okay=False, path_type=Path),
               help="Run this spec without and with the mask (the flags' mask, or the spec's own) "
                    "and show the weights before and after.")
@@ -145,6 +146,7 @@ def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention,
         description = maskinfo.describe_kinds(causal, len(padding_rows), window, prefix)
         key_tokens = token_list or [str(i) for i in range(keys)]
         query_tokens = masks.query_labels(key_tokens, queries)
+    convention = masks.OLD_CONVENTION_NAMES.get(convention, convention)
     picture = maskinfo.MaskPicture(keep, description, query_tokens, key_tokens, convention or "additive")
     warning = maskinfo.empty_row_warning(picture)
     diagnoses = [warning] if warning else []

@@ -19,11 +19,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attntrace.core.ops import softmax
+from attntrace.inputs.spec import OLD_CONVENTION_NAMES
 
 BLOCKED = -np.inf
 LARGE_NEGATIVE = -1e9               # what seeds 001 and 004 (and many tutorials) add instead of -inf
 ADDITIVE_BLOCK_THRESHOLD = -1e4     # additive values at or below this block (BERT used -10000)
-CONVENTIONS = ("keep", "ignore", "additive", "additive-1e9")
+CONVENTIONS = ("allow", "ignore", "additive", "additive-1e9")
 
 
 # --------------------------------------------------------------------------- kinds
@@ -67,13 +68,14 @@ def from_matrix(matrix: np.ndarray, convention: str) -> np.ndarray:
     """An array written in a named convention -> boolean may-attend."""
     if convention.startswith("additive"):
         return np.isfinite(matrix) & (matrix > ADDITIVE_BLOCK_THRESHOLD)   # -1e9 and -inf both block
-    keep = np.asarray(matrix).astype(bool)
-    return ~keep if convention == "ignore" else keep
+    allowed = np.asarray(matrix).astype(bool)
+    return ~allowed if convention == "ignore" else allowed
 
 
 def to_convention(keep: np.ndarray, convention: str) -> np.ndarray:
     """Boolean may-attend -> the same mask written in `convention` (see CONVENTION_NOTES)."""
-    if convention == "keep":
+    convention = OLD_CONVENTION_NAMES.get(convention, convention)
+    if convention == "allow":
         return np.asarray(keep, dtype=bool)
     if convention == "ignore":
         return ~np.asarray(keep, dtype=bool)

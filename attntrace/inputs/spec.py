@@ -37,6 +37,9 @@ ATTENTION_KEYS = ("heads", "kv_heads", "d_head", "W_q", "W_k", "W_v", "W_o",
 MASK_KEYS = ("causal", "padding", "window", "prefix", "matrix", "convention")
 POSITIONAL_KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
 LAYOUTS = ("x_at_w", "linear")
+# "keep" was the first name of the "allow" convention (1 = may attend); it is still read, but
+# `keep` also names the arrays a run retains (run(keep=...)), so the convention is "allow" now.
+OLD_CONVENTION_NAMES = {"keep": "allow"}
 
 
 @dataclass
@@ -49,7 +52,7 @@ class MaskSpec:
                                          # forward too unless causal)
     prefix: Optional[int] = None         # prefix-LM: the first N keys are visible to everyone
     matrix: Optional[Array] = None       # explicit (seq_q, seq_k) or (batch, seq_q, seq_k)
-    convention: str = "keep"             # how `matrix` and `padding` are written: keep | ignore | additive
+    convention: str = "allow"            # how `matrix` and `padding` are written: allow | ignore | additive
     location: Optional[Location] = None
 
     @property
@@ -549,7 +552,7 @@ class _Reader:
         if value == "causal":
             return MaskSpec(causal=True, location=self.locate(path))
         if isinstance(value, list):
-            return MaskSpec(matrix=self.mask_array(value, path, "mask", "keep"), location=self.locate(path))
+            return MaskSpec(matrix=self.mask_array(value, path, "mask", "allow"), location=self.locate(path))
         if isinstance(value, str):
             raise input_error("ATT-E003", f"unknown mask '{value}'", self.locate(path),
                               hint=did_you_mean(value, ["none", "causal"], otherwise="mask is none, causal, a "
@@ -565,11 +568,12 @@ class _Reader:
         for key in ("window", "prefix"):
             if block.get(key) is not None:
                 setattr(mask, key, self.whole(block[key], path + [key], f"mask.{key}"))
-        convention = block.get("convention", "keep")
-        if convention not in ("keep", "ignore", "additive"):
-            raise input_error("ATT-E003", f"mask.convention must be keep, ignore or additive, "
+        convention = block.get("convention", "allow")
+        convention = OLD_CONVENTION_NAMES.get(convention, convention)
+        if convention not in ("allow", "ignore", "additive"):
+            raise input_error("ATT-E003", f"mask.convention must be allow, ignore or additive, "
                                           f"got {describe_value(convention)}", self.locate(path + ["convention"]),
-                              hint="keep: 1/True = may attend (PyTorch SDPA); ignore: 1/True = blocked "
+                              hint="allow: 1/True = may attend (PyTorch SDPA); ignore: 1/True = blocked "
                                    "(nn.MultiheadAttention); additive: 0 / -inf added to scores")
         mask.convention = convention
         for key in ("padding", "matrix"):
@@ -578,7 +582,7 @@ class _Reader:
         return mask
 
     def mask_array(self, value: Any, path: List, name: str, convention: str) -> Array:
-        """A padding row or mask matrix written in `convention`: keep/ignore hold 0/1 (or
+        """A padding row or mask matrix written in `convention`: allow/ignore hold 0/1 (or
         true/false), additive holds 0 and a large negative or -inf.  Mixing them up is the
         commonest mask bug, so the message names the convention the values look like."""
         if convention == "additive":
@@ -588,7 +592,7 @@ class _Reader:
                 raise input_error("ATT-E040", f"{name} (convention: additive) holds 0 (may attend) and -inf "
                                               f"or a large negative such as -1e9 (blocked); found "
                                               f"{array.data[soft][0]:g}", self.locate(path),
-                                  hint="soft biases are not masks; for 1/0 masks write convention: keep")
+                                  hint="soft biases are not masks; for 1/0 masks write convention: allow")
             return array
         if _holds_negative_infinity(value):
             raise input_error("ATT-E040", f"{name} holds -inf: that is an additive mask (0 / -inf), "
@@ -597,7 +601,7 @@ class _Reader:
         array = self.array(value, path, name, allow_bool=True)
         bad = ~np.isin(array.data.astype(np.float64), (0.0, 1.0))
         if bad.any():
-            meaning = "1 = may attend, 0 = blocked" if convention == "keep" else "1 = blocked, 0 = may attend"
+            meaning = "1 = may attend, 0 = blocked" if convention == "allow" else "1 = blocked, 0 = may attend"
             raise input_error("ATT-E040", f"{name} (convention: {convention}, {meaning}) holds only 0 and 1; "
                                           f"found {array.data[bad][0]:g}", self.locate(path),
                               hint="0 / -1e9 masks are additive: write convention: additive"

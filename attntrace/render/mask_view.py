@@ -22,7 +22,7 @@ EDGE = 8
 VALUES_LIMIT = 4096     # JSON carries arrays up to this many values
 
 CONVENTION_TITLES = {
-    "keep": "keep convention: 1 = True = may attend (PyTorch SDPA boolean attn_mask)",
+    "allow": "allow convention: 1 = True = may attend (PyTorch SDPA boolean attn_mask)",
     "ignore": "ignore convention: 1 = True = blocked (nn.MultiheadAttention key_padding_mask / attn_mask)",
     "additive": "additive form: 0 = may attend, -inf = blocked (added to the scores before softmax)",
     "additive-1e9": "additive form with -1e9: 0 = may attend, -1e9 = blocked (seed 004's scores + mask·-1e9)",
