@@ -350,10 +350,10 @@ def test_keep_is_still_read_as_the_allow_convention(invoke, write_spec):
     """`keep` was the allow convention's first name (README before 0.2): old specs and flags still work."""
     import attntrace
     text = ("version: 1\ntokens: [a, b, c]\nembeddings: {identity: 3}\n"
-            "attention: {{W_q: {{identity: 3}}, W_k: {{identity: 3}}, W_v: {{identity: 3}},\n"
-            "  mask: {{matrix: [[1, 0, 0], [1, 1, 0], [1, 1, 1]], convention: {name}}}}}\n")
-    old = attntrace.run(attntrace.load_spec(write_spec(text.format(name="keep"), "old.yaml")))
-    new = attntrace.run(attntrace.load_spec(write_spec(text.format(name="allow"), "new.yaml")))
+            "attention: {W_q: {identity: 3}, W_k: {identity: 3}, W_v: {identity: 3},\n"
+            "  mask: {matrix: [[1, 0, 0], [1, 1, 0], [1, 1, 1]], convention: NAME}}\n")
+    old = attntrace.run(attntrace.load_spec(write_spec(text.replace("NAME", "keep"), "old.yaml")))
+    new = attntrace.run(attntrace.load_spec(write_spec(text.replace("NAME", "allow"), "new.yaml")))
     np.testing.assert_array_equal(old["attn.hook_mask"], new["attn.hook_mask"])
     assert old["attn.hook_mask"][0, 0].tolist() == np.tril(np.ones((3, 3), dtype=bool)).tolist()
     code, out = invoke("mask", "--causal", "--seq", "3", "--convention", "keep")
