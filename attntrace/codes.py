@@ -52,6 +52,7 @@ CODES: Dict[str, Code] = {
     "ATT-E019": _input("a number is too large to represent"),
     "ATT-E020": _input("not enough memory for this run"),
     "ATT-E021": _input("a tolerance is not a finite number ≥ 0"),
+    "ATT-E022": _input("a command-line option or argument is invalid"),
     "ATT-E030": _input("explain-shapes: a size flag is not a positive whole number"),
     "ATT-E031": _input("explain-shapes: d_model does not split into the heads"),
     "ATT-E032": _input("explain-shapes: kv heads do not divide the heads"),
@@ -169,3 +170,12 @@ def meaning(code: str) -> str:
 
 def exit_code(code: str) -> int:
     return CODES[code].exit_code
+
+
+def markdown_rows() -> str:
+    """The README's table of codes (`python -m attntrace.codes` prints it; a test compares)."""
+    return "\n".join(f"| `{code}` | {entry.exit_code} | {entry.meaning} |" for code, entry in CODES.items())
+
+
+if __name__ == "__main__":
+    print(markdown_rows())

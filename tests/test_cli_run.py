@@ -66,7 +66,7 @@ def test_head_and_batch_selection(invoke):
     code, out = invoke("run", spec, "--head", "8")
     assert code == 2 and "8 head(s)" in out
     code, out = invoke("run", spec, "--batch", "2")
-    assert code == 2 and "batch size 2" in out
+    assert code == 2 and "ATT-E017" in out and "2 batch item(s)" in out
 
 
 def test_multihead_grid_of_heatmaps(invoke):
@@ -175,3 +175,17 @@ def test_bad_input_in_a_real_process_shows_no_traceback(tmp_path, spec_text, exi
     assert result.returncode == exit_code
     assert code in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_head_lists_and_ranges_are_parsed_once(invoke):
+    """--head takes 2, 0,2, 0-3 or all; a malformed list is a usage error naming the option (exit 2)."""
+    from attntrace.cli.params import HEADS
+    assert HEADS.convert("1-3,7", None, None) == (1, 2, 3, 7)
+    assert HEADS.convert("all", None, None) is None
+    spec = CONFIGS / "seed004_batch_multihead.yaml"
+    code, out = invoke("run", spec, "--steps", "weights", "--head", "2-3", "--values")
+    assert code == 0 and "head 2" in out and "head 3" in out and "head 1 " not in out
+    code, out = invoke("run", spec, "--head", "3-1")
+    assert code == 2 and "--head" in out and "smaller number to a larger one" in out
+    code, out = invoke("mask", "--causal", "--padding", "1,2,0")
+    assert code == 2 and "--padding" in out and "write 1 for a real token" in out

@@ -6,13 +6,14 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import width_option
 
 
 @click.command("bugs")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--check", "check_level", type=click.Choice(["default", "all"]), default="default", show_default=True,
               help="Invariant checks for the runs on SPEC (all: also causality and head independence).")
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@width_option
 @format_option
 @handles_errors
 def bugs(spec, check_level, width, fmt):

@@ -6,13 +6,14 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import dtype_option, width_option
 
 
 @click.command("check")
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="Show the cell table of matching expectations too.")
-@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@dtype_option
+@width_option
 @format_option
 @handles_errors
 def check(spec, show_all, dtype, width, fmt):

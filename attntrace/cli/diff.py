@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import dtype_option, width_option
 
 
 @click.command("diff")
@@ -20,8 +21,8 @@ from attntrace.cli.main import format_option, handles_errors
               help="A hook action applied when running A (a spec), e.g. attn.hook_z:scale=0.5.")
 @click.option("--hook-b", "hooks_b", multiple=True, metavar="HOOK:ACTION[=ARG]",
               help="A hook action applied when running B (a spec).")
-@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@dtype_option
+@width_option
 @format_option
 @handles_errors
 def diff(a, b, atol, rtol, top, hooks_a, hooks_b, dtype, width, fmt):

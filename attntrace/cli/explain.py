@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import width_option
 
 
 @click.command("explain-shapes")
@@ -24,7 +25,7 @@ from attntrace.cli.main import format_option, handles_errors
 @click.option("--no-w-o", is_flag=True, help="No output projection (out = concatenated heads).")
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Element size for the bytes column.")
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@width_option
 @format_option
 @handles_errors
 def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_k, masked, positional, no_w_o,

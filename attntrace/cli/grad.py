@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import check_selection, head_option, precision_option, width_option
 
 LOSSES = ("sum", "mean", "sum_squares", "upstream")
 
@@ -16,10 +17,10 @@ LOSSES = ("sum", "mean", "sum_squares", "upstream")
               "`grad:` block, else sum): sum, mean, sum_squares (½·Σ out²), or upstream (grad.upstream).")
 @click.option("--grads", "grad_names", metavar="LIST", help="Gradients to show: names (attn.hook_v_grad), "
               "what they are the gradient of (V, dV, weights, W_q, X) or patterns (attn.W_*), comma-separated.")
-@click.option("--head", "heads", type=click.IntRange(min=0), multiple=True, help="Show only this head (repeatable).")
+@head_option()
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
-@click.option("--precision", type=click.IntRange(0, 12), default=4, show_default=True, help="Decimals shown.")
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@precision_option(4)
+@width_option
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-6, show_default=True,
               help="Largest max relative error a gradient may have against finite differences.")
 @click.option("--cells", type=click.IntRange(min=0), default=64, show_default=True,
@@ -44,18 +45,14 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     from attntrace.analysis.run import run as run_engine
     from attntrace.cli.run import BUILTIN_EXAMPLE
     from attntrace.core.backward import backward, match_grads
-    from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
+    from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK
     from attntrace.render.output import make_console, print_json
     # the gradients are those of attention itself: the spec's `hooks:` (ablations, patches) are left out
     trace = run_engine(spec if spec is not None else BUILTIN_EXAMPLE, keep="all", dtype="float64", spec_hooks=False)
     plan = trace.plan
     notes = ["the spec's hooks: list is not applied: grad differentiates attention without it"] \
         if trace.spec.hooks else []
-    if batch is not None and batch >= plan.size("batch"):
-        raise input_error("ATT-E017", f"--batch {batch}: the spec has batch size {plan.size('batch')}")
-    if heads and max(heads) >= plan.size("n_heads"):
-        raise input_error("ATT-E017", f"--head {max(heads)}: the spec has {plan.size('n_heads')} head(s), "
-                                      f"numbered from 0")
+    check_selection(plan, heads=heads, batch=batch)
     grads = backward(trace, loss=loss)
     shown = None
     if grad_names:
@@ -74,7 +71,8 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     else:
         from attntrace.render.grad_view import render_grads
         from attntrace.render.trace_view import ViewOptions
-        options = ViewOptions(heads=list(heads) or None, batch=batch, precision=precision, signed=True, notes=notes)
+        options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, signed=True,
+                              notes=notes)
         render_grads(make_console(width), grads, checks, options, shown=shown, tolerance=tolerance,
                      diagnoses=diagnoses)
     raise SystemExit(exit_code)

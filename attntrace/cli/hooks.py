@@ -6,11 +6,12 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import width_option
 
 
 @click.command("hooks")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@width_option
 @format_option
 @handles_errors
 def hooks(spec, width, fmt):

@@ -52,6 +52,36 @@ class LazyGroup(click.Group):
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, with two conventions of ours: a usage error under `--format json` is a JSON
+        error document (exit 2), and Ctrl-C exits 130 quietly (exit 1 means a failed check)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            if _wants_json(argv):
+                from attntrace.errors import Diagnosis
+                command = exc.ctx.command_path if exc.ctx is not None else "attntrace"
+                _report([Diagnosis(getattr(exc, "code", "ATT-E022"), exc.format_message(),
+                                   hint=f"`{command} --help` lists the options")], "json", 2)
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            sys.stderr.write("\ninterrupted\n")
+            sys.exit(130)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        sys.exit(0)
+
+
+def _wants_json(argv) -> bool:
+    return "--format=json" in argv or any(a == "--format" and b == "json" for a, b in zip(argv, argv[1:]))
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="attntrace", prog_name="attntrace")

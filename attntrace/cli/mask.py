@@ -6,29 +6,9 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import PaddingRows, all_rows, head_option, precision_option, width_option
 
 CONVENTION_CHOICES = ("allow", "ignore", "additive", "additive-1e9", "keep")     # keep: allow's old name
-
-
-def parse_padding(values):
-    """`--padding 1,1,0` (repeatable) or `1,1,0;1,1,1` -> list of rows of 0/1 ints, one per batch item."""
-    from attntrace.errors import input_error
-    rows = []
-    for value in values:
-        for text in (part.strip() for part in value.split(";")):
-            if not text:
-                continue
-            items = [item.strip() for item in text.replace(" ", ",").split(",") if item.strip()]
-            if any(item not in ("0", "1") for item in items):
-                raise input_error("ATT-E041", f"--padding {text!r}: write 1 for a real token and 0 for "
-                                              "padding, comma-separated",
-                                  hint="e.g. --padding 1,1,1,0,0 (one batch item) or --padding '1,1,0;1,1,1'")
-            rows.append([int(item) for item in items])
-    if len({len(row) for row in rows}) > 1:
-        raise input_error("ATT-E041", "--padding rows have different lengths "
-                                      f"({', '.join(str(len(r)) for r in rows)}); every batch item is padded "
-                                      "to the same seq_k", hint="pad the shorter rows with 0")
-    return rows
 
 
 def resolve_sizes(seq, seq_q, seq_k, tokens, padding_rows):
@@ -57,7 +37,7 @@ def resolve_sizes(seq, seq_q, seq_k, tokens, padding_rows):
 
 @click.command("mask")
 @click.option("--causal", is_flag=True, help="Each query sees itself and earlier keys only.")
-@click.option("--padding", "padding", multiple=True, metavar="1,1,0",
+@click.option("--padding", "padding", type=PaddingRows(), multiple=True,
               help="Real tokens (1) and padding (0) of the keys; repeat, or separate rows with ';', "
                    "for one row per batch item.")
 @click.option("--window", type=click.IntRange(min=1), help="Sliding window: keys less than N positions away "
@@ -75,9 +55,9 @@ def resolve_sizes(seq, seq_q, seq_k, tokens, padding_rows):
 @click.option("--apply", "apply_spec", type=click.Path(dir_okay=False, path_type=Path),
               help="Run this spec without and with the mask (the flags' mask, or the spec's own) "
                    "and show the weights before and after.")
-@click.option("--head", "heads", type=click.IntRange(min=0), multiple=True, help="With --apply: show only this head.")
-@click.option("--precision", type=click.IntRange(0, 12), default=3, show_default=True, help="Decimals shown.")
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@head_option("With --apply: show only these heads: 2, 0,2 or 0-3.")
+@precision_option(3)
+@width_option
 @format_option
 @handles_errors
 def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention, apply_spec, heads,
@@ -106,7 +86,7 @@ def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention,
     from attntrace.render.mask_view import mask_to_json, render_mask
     from attntrace.render.output import make_console, print_json
 
-    padding_rows = parse_padding(padding)
+    padding_rows = all_rows(padding)
     token_list = tokens.split() if tokens else None
     has_flags = bool(causal or padding_rows or window or prefix)
     traces = None
@@ -154,5 +134,5 @@ def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention,
         print_json(mask_to_json(picture, diagnoses, traces))
     else:
         render_mask(make_console(width), picture, diagnoses, traces, precision=precision,
-                    heads=list(heads) or None, explicit_convention=convention is not None)
+                    heads=list(heads) if heads else None, explicit_convention=convention is not None)
     raise SystemExit(EXIT_OK)

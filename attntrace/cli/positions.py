@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import width_option
 
 
 def parse_dims(text, limit, what):
@@ -52,7 +53,7 @@ def load_table(path, seq, d_model):
               help="RoPE: which features rotate together.")
 @click.option("--heads", type=click.IntRange(min=1, max=256), default=8, show_default=True, help="ALiBi: heads.")
 @click.option("--table", type=click.Path(dir_okay=False, path_type=Path), help="Learned: a (max_len, d_model) .npy.")
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@width_option
 @format_option
 @handles_errors
 def positions(kind, seq, d_model, dims, base, pairing, heads, table, width, fmt):

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
+from attntrace.cli.params import check_selection, dtype_option, head_option, precision_option, width_option
 
 BUILTIN_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "builtin.yaml"
 
@@ -31,14 +32,14 @@ def parse_steps(text, plan):
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--steps", metavar="LIST", help="Steps to show: hook names, aliases (Q, scores, weights, "
               "output ...), patterns (attn.hook_*) or step numbers, comma-separated.")
-@click.option("--head", "heads", type=click.IntRange(min=0), multiple=True, help="Show only this head (repeatable).")
+@head_option()
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
-@click.option("--precision", type=click.IntRange(0, 12), default=4, show_default=True, help="Decimals shown.")
-@click.option("--width", type=click.IntRange(min=40), help="Output width in columns (default: the terminal's).")
+@precision_option(4)
+@width_option
 @click.option("--heatmap/--values", default=None,
               help="Score matrices as compact block heatmaps or as numbers (default: heatmaps when "
                    "more than two heads or batch items are shown).")
-@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
+@dtype_option
 @click.option("--strict", is_flag=True, help="Exit 1 when any invariant check warns.")
 @click.option("--check", "check_level", type=click.Choice(["default", "all"]), default="default", show_default=True,
               help="Invariant checks: default (cheap, every run) or all (also re-runs attention with later "
@@ -74,6 +75,7 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     import sys
 
     from attntrace.analysis.actions import command_hooks
+    from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.files import check_targets
     from attntrace.inputs.spec import load_spec
@@ -81,12 +83,13 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
     loaded = load_spec(spec if spec is not None else BUILTIN_EXAMPLE)
+    check_selection(plan_from_spec(loaded), heads=heads, batch=batch)
     extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
     targets = check_targets(exports, inputs)
     if step_mode and fmt == "json":
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)
-    options = ViewOptions(heads=list(heads) or None, batch=batch, precision=precision, heatmap=heatmap)
+    options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap)
     stepper = None
     if step_mode:
         from attntrace.render.stepper import stepper_for
@@ -118,11 +121,6 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     if loaded.expect:
         from attntrace.analysis.expect import check_expectations
         report = check_expectations(loaded, trace, hooks=extra_hooks)
-    if batch is not None and batch >= trace.plan.size("batch"):
-        raise input_error("ATT-E017", f"--batch {batch}: the spec has batch size {trace.plan.size('batch')}")
-    if heads and max(heads) >= trace.plan.size("n_heads"):
-        raise input_error("ATT-E017", f"--head {max(heads)}: the spec has {trace.plan.size('n_heads')} head(s), "
-                                      f"numbered from 0")
     exit_code = EXIT_CHECK_FAILED if (strict and trace.warnings) or (report and not report.ok) else EXIT_OK
     expect_json = {"expect": report.to_json()} if report else {}
     if verdict is not None:
