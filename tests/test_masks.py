@@ -358,3 +358,28 @@ def test_keep_is_still_read_as_the_allow_convention(invoke, write_spec):
     assert old["attn.hook_mask"][0, 0].tolist() == np.tril(np.ones((3, 3), dtype=bool)).tolist()
     code, out = invoke("mask", "--causal", "--seq", "3", "--convention", "keep")
     assert code == 0 and "allow convention: 1 = True = may attend" in out
+
+
+@pytest.mark.parametrize("shape_kind", ["hf_padding", "hf_matrix", "additive_file"])
+def test_masks_in_the_shapes_people_have(tmp_path, shape_kind):
+    """Hugging Face's (batch, 1, 1, seq_k) and (batch, 1, seq_q, seq_k) masks, and an additive float mask
+    from a file (0 / finfo.min), give the same weights as the plain padding mask."""
+    import attntrace
+    pad = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.float64)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 6))
+    base = {"tokens": ["a", "b", "c", "d"], "embeddings": x,
+            "attention": {"heads": 2, "W_q": rng.normal(size=(6, 6)), "W_k": rng.normal(size=(6, 6)),
+                          "W_v": rng.normal(size=(6, 6))}}
+    plain = attntrace.run(dict(base, attention=dict(base["attention"], mask={"padding": pad})), keep="all")
+    if shape_kind == "hf_padding":
+        mask = {"padding": pad[:, None, None, :]}
+    elif shape_kind == "hf_matrix":
+        mask = {"matrix": np.broadcast_to(pad[:, None, None, :], (2, 1, 4, 4)).copy()}
+    else:
+        np.save(tmp_path / "mask.npy", np.where(pad[:, None, None, :] > 0, 0.0, np.finfo(np.float32).min))
+        mask = {"matrix": {"npy": str(tmp_path / "mask.npy")}, "convention": "additive"}
+    other = attntrace.run(dict(base, attention=dict(base["attention"], mask=mask)), keep="all")
+    np.testing.assert_array_equal(other["attn.hook_mask"], plain["attn.hook_mask"])
+    np.testing.assert_allclose(other["attn.hook_pattern"], plain["attn.hook_pattern"], rtol=0, atol=0)
+    assert other["attn.hook_pattern"][1, :, :, 2:].max() == 0.0       # padded keys get no weight

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attntrace.errors import InputError
-from attntrace.models.safetensors_io import SafetensorsFile, ShardedSafetensors, open_tensors
+from attntrace.inputs.safetensors_io import SafetensorsFile, ShardedSafetensors, open_tensors
 
 CI = os.environ.get("CI") == "true"
 

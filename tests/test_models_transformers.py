@@ -305,7 +305,7 @@ def test_numpy_checkpoint_builder_names_what_transformers_saves(tmp_path):
     """The broken-checkpoint tests build checkpoints with numpy; their names must be transformers' names."""
     from model_checkpoints import CONFIGS, tensor_shapes
 
-    from attntrace.models.safetensors_io import open_tensors
+    from attntrace.inputs.safetensors_io import open_tensors
     classes = {"bert": (transformers.BertConfig, transformers.BertModel),
                "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
                "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}

@@ -366,7 +366,7 @@ class _Checker:
         scores_axes = ("batch", "n_heads", "seq_q", "seq_k")
         if m.matrix is not None:
             shape = tuple(m.matrix.shape)
-            if shape not in ((q, k), (b, q, k), (1, q, k)):
+            if shape not in ((q, k), (b, q, k), (1, q, k), (b, 1, k), (1, 1, k)):
                 mask_axes = {2: ("seq_q", "seq_k"), 3: ("batch", "seq_q", "seq_k")}.get(len(shape), ())
                 placed = (shape[0], None, shape[1], shape[2]) if len(shape) == 3 else shape
                 details = alignment_table(placed, (b, h, q, k), scores_axes, "mask")

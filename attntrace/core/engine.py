@@ -134,7 +134,10 @@ def step_pos(state: State) -> np.ndarray:
     seq, d_model = x.shape[1], x.shape[2]
     table = positional.sinusoidal(seq, d_model, pos.base) if pos.kind == "sinusoidal" else \
         positional.learned(pos.table.data, seq)
-    return x + state.cast(table)
+    x = x + state.cast(table)
+    if pos.type_table is not None:          # BERT: the segment embedding of each token
+        x += state.cast(pos.type_table.data)[np.asarray(pos.type_ids.data, dtype=np.int64)]
+    return x
 
 
 def _norm(state: State, norm, x: np.ndarray) -> np.ndarray:

@@ -18,11 +18,12 @@ import numbers
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from attntrace.errors import Location, input_error
+from attntrace.errors import InputError, Location, input_error
+from attntrace.inputs.safetensors_io import open_tensors
 from attntrace.text import did_you_mean, format_shape
 
 
@@ -50,11 +51,12 @@ class SourceContext:
     def __init__(self, base_dir: Optional[Path], locate: Callable[[Sequence], Location]):
         self.base_dir = base_dir or Path.cwd()
         self.locate = locate
+        self.tensor_files: Dict[Path, Any] = {}     # .safetensors opened so far: each file once
 
 
 def load_array(value: Any, ctx: SourceContext, path: Sequence, *, allow_bool: bool = False,
-               what: str = "array") -> np.ndarray:
-    """Turn one spec value into a finite float64 (or bool) numpy array."""
+               what: str = "array", allow_neg_inf: bool = False) -> np.ndarray:
+    """Turn one spec value into a finite float (or bool) numpy array (-inf allowed for additive masks)."""
     if isinstance(value, np.ndarray):
         array = _checked_dtype(value, ctx, path, allow_bool)
     elif isinstance(value, (list, tuple)):
@@ -67,7 +69,7 @@ def load_array(value: Any, ctx: SourceContext, path: Sequence, *, allow_bool: bo
                         f"got {describe_value(value)}", ctx.locate(path),
             hint="write the matrix as rows, e.g. [[1, 0], [0, 1]]")
     if array.dtype != bool:
-        _check_finite(array, ctx, path)
+        _check_finite(array, ctx, path, allow_neg_inf)
     return array
 
 
@@ -196,19 +198,19 @@ def _load_npz(file: Path, key: str, ctx: SourceContext, path: List) -> np.ndarra
 
 
 def _load_safetensors(file: Path, key: str, ctx: SourceContext, path: List) -> np.ndarray:
+    """One tensor, read lazily: each file's header is parsed once per spec and only the
+    tensors named are read (bfloat16 and float16 arrive as float32)."""
     try:
-        from safetensors.numpy import load_file
-    except ImportError:
-        raise input_error("ATT-E014", "reading .safetensors needs the optional package 'safetensors'",
-                          ctx.locate(path), hint="pip install 'attntrace[safetensors]'") from None
-    try:
-        tensors = load_file(str(file))
-    except Exception as exc:  # the library raises its own error types
-        raise input_error("ATT-E013", f"{file.name} is not a readable .safetensors file: {exc}",
-                          ctx.locate(path)) from None
-    if key not in tensors:
-        raise _missing_key(key, list(tensors), file, ctx, path)
-    return tensors[key]
+        tensors = ctx.tensor_files.get(file)
+        if tensors is None:
+            tensors = ctx.tensor_files[file] = open_tensors(file)
+        if key not in tensors:
+            raise _missing_key(key, tensors.names(), file, ctx, path)
+        return tensors.read(key)
+    except InputError as error:          # the reader names the file and tensor; add the YAML line
+        diagnosis = error.diagnosis
+        diagnosis.locations.insert(0, ctx.locate(path))
+        raise
 
 
 def _missing_key(key: str, available: List[str], file: Path, ctx: SourceContext, path: List):
@@ -257,11 +259,15 @@ def _checked_dtype(array: np.ndarray, ctx: SourceContext, path: Sequence, allow_
                           ctx.locate(path))
     if array.size == 0:
         raise input_error("ATT-E010", f"array is empty (shape {format_shape(array.shape)})", ctx.locate(path))
-    return np.asarray(array, dtype=np.float64)
+    if array.dtype in (np.float32, np.float64):
+        return array             # kept in its own precision: a float32 run does not round-trip through float64
+    return np.asarray(array, dtype=np.float32 if array.dtype == np.float16 else np.float64)
 
 
-def _check_finite(array: np.ndarray, ctx: SourceContext, path: Sequence) -> None:
+def _check_finite(array: np.ndarray, ctx: SourceContext, path: Sequence, allow_neg_inf: bool = False) -> None:
     finite = np.isfinite(array)
+    if allow_neg_inf:
+        finite |= np.isneginf(array)
     if finite.all():
         return
     index = tuple(int(i) for i in np.argwhere(~finite)[0])

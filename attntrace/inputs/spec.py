@@ -81,6 +81,8 @@ class PositionalSpec:
     table: Optional[Array] = None        # learned: (max_len, d_model)
     base: float = 10000.0                # sinusoidal / rope frequency base
     pairing: str = "half"                # rope: half (GPT-NeoX/Llama) | interleaved (GPT-J/RoFormer)
+    type_table: Optional[Array] = None   # learned: BERT's token-type (segment) embeddings (types, d_model)
+    type_ids: Optional[Array] = None     # the segment of each token: (seq,) or (batch, seq)
     location: Optional[Location] = None
 
 
@@ -578,7 +580,10 @@ class _Reader:
         mask.convention = convention
         for key in ("padding", "matrix"):
             if block.get(key) is not None:
-                setattr(mask, key, self.mask_array(block[key], path + [key], f"mask.{key}", convention))
+                array = self.mask_array(block[key], path + [key], f"mask.{key}", convention)
+                if key == "padding" and array.data.ndim == 3 and array.data.shape[1] == 1:
+                    array.data = array.data[:, 0]          # (batch, 1, 1, seq_k) as Hugging Face writes it
+                setattr(mask, key, array)
         return mask
 
     def mask_array(self, value: Any, path: List, name: str, convention: str) -> Array:
@@ -599,6 +604,7 @@ class _Reader:
                                           f"but the convention is {convention}", self.locate(path),
                               hint="write the mask as a mapping: {matrix: [[0, -.inf], ...], convention: additive}")
         array = self.array(value, path, name, allow_bool=True)
+        array.data = _one_head_axis(array.data)
         bad = ~np.isin(array.data.astype(np.float64), (0.0, 1.0))
         if bad.any():
             meaning = "1 = may attend, 0 = blocked" if convention == "allow" else "1 = blocked, 0 = may attend"
@@ -609,19 +615,16 @@ class _Reader:
         return array
 
     def _additive(self, value: Any, path: List, name: str = "mask.matrix") -> Array:
-        """An additive mask may hold -inf: read it without the finiteness check."""
-        if isinstance(value, list):
+        """An additive mask may hold -inf (written inline, as an array, or in a file)."""
+        if isinstance(value, list) and _holds_negative_infinity(value):
             nested_shape(value, self.ctx, list(path), False)
             data = np.array(value, dtype=np.float64)
-        elif isinstance(value, np.ndarray):
-            data = np.asarray(value, dtype=np.float64)
+            if np.isnan(data).any() or np.isposinf(data).any():
+                raise input_error("ATT-E006", "an additive mask holds 0 (may attend) and a large negative "
+                                              "number or -inf (blocked); found NaN or +inf", self.locate(path))
         else:
-            raise input_error("ATT-E003", "an additive mask matrix is written inline or given as an array",
-                              self.locate(path))
-        if np.isnan(data).any() or np.isposinf(data).any():
-            raise input_error("ATT-E006", "an additive mask holds 0 (keep) and a large negative "
-                                          "number or -inf (block); found NaN or +inf", self.locate(path))
-        return Array(name, data, self.locate(path))
+            data = load_array(value, self.ctx, path, what=name, allow_neg_inf=True)
+        return Array(name, _one_head_axis(data), self.locate(path))
 
     def positional(self, value: Any) -> PositionalSpec:
         path = ["positional"]
@@ -638,7 +641,7 @@ class _Reader:
                               hint=did_you_mean(value, POSITIONAL_KINDS,
                                                 otherwise=f"positional is one of {', '.join(POSITIONAL_KINDS)}"))
         block = self.mapping(value, path, "positional")
-        self.check_keys(block, ("kind", "table", "base", "pairing"), path, "positional")
+        self.check_keys(block, ("kind", "table", "base", "pairing", "token_types"), path, "positional")
         kind = block.get("kind")
         if kind not in POSITIONAL_KINDS:
             raise input_error("ATT-E003", f"positional.kind must be one of {', '.join(POSITIONAL_KINDS)}, "
@@ -647,6 +650,14 @@ class _Reader:
         if kind == "learned":
             spec.table = self.array(self.require(block, "table", path, "a learned positional encoding",
                                                  "{npy: pos.npy}"), path + ["table"], "positional.table")
+        if block.get("token_types") is not None:
+            types = self.mapping(block["token_types"], path + ["token_types"], "positional.token_types")
+            self.check_keys(types, ("table", "ids"), path + ["token_types"], "positional.token_types")
+            where = path + ["token_types"]
+            spec.type_table = self.array(self.require(types, "table", where, "token_types", "{npy: types.npy}"),
+                                         where + ["table"], "token_types.table")
+            spec.type_ids = self.array(self.require(types, "ids", where, "token_types", "[0, 0, 0, 1, 1]"),
+                                       where + ["ids"], "token_types.ids")
         if "base" in block:
             base = block["base"]
             if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 1:
@@ -681,6 +692,14 @@ class _Reader:
             raise input_error("ATT-E003", f"expect.{key} must be a number ≥ 0, got {describe_value(value)}",
                               self.locate(path))
         return {"rtol" if key == "rtol" else "atol": float(value)}
+
+
+def _one_head_axis(mask: np.ndarray) -> np.ndarray:
+    """Hugging Face writes masks as (batch, 1, seq_q, seq_k) or (batch, 1, 1, seq_k): the axis of 1
+    is the heads' (one mask for every head).  attntrace's masks have no head axis: drop it."""
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        return mask[:, 0]
+    return mask
 
 
 def _holds_negative_infinity(value: Any) -> bool:

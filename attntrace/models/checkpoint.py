@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-from ..errors import Diagnosis, InputError
+from attntrace.errors import Diagnosis, InputError
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS = "model.safetensors"

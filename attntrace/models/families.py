@@ -49,10 +49,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from ..errors import Diagnosis, InputError
-from .checkpoint import CheckpointFiles, find_checkpoint
-from .config import ModelConfig, load_config
-from .safetensors_io import TARGET_DTYPES, TensorStore, open_tensors
+from attntrace.errors import Diagnosis, InputError
+from attntrace.inputs.safetensors_io import TARGET_DTYPES, TensorStore, open_tensors
+from attntrace.models.checkpoint import CheckpointFiles, find_checkpoint
+from attntrace.models.config import ModelConfig, load_config
 
 LAYOUT = "linear"       # (out_features, in_features): y = x @ W.T + b
 MAX_LISTED = 8          # names listed in one diagnosis before "... N more"

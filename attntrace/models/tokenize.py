@@ -22,8 +22,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import Diagnosis, InputError
-from .config import ModelConfig
+from attntrace.errors import Diagnosis, InputError
+from attntrace.models.config import ModelConfig
 
 INSTALL_HINT = "pip install 'attntrace[models]'"
 

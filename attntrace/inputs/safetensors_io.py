@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import Diagnosis, InputError
+from attntrace.errors import Diagnosis, InputError
 
 ERROR_CODES = {
     "ATT-E300": "safetensors file missing or unreadable",
