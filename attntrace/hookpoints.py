@@ -196,6 +196,8 @@ def resolve_hook_name(name: str, location: Optional[Location] = None,
         return name
     layer, local = split_name(name)
     local = ALIASES.get(local, local)
+    if available is None and layer is not None and local in HOOKS_BY_NAME:
+        return full_name(local, layer)          # any block's hook is a name of the vocabulary
     candidate = full_name(local, layer) if local in HOOKS_BY_NAME else name
     if candidate in names:
         return candidate
@@ -232,10 +234,12 @@ def _spellings(name: str) -> Tuple[str, ...]:
     return (name, "blocks.0." + name) if point is not None and point.scope == BLOCK else (name,)
 
 
-def match_hooks(pattern: str, available: Sequence[str], location: Optional[Location] = None) -> List[str]:
+def match_hooks(pattern: str, available: Optional[Sequence[str]], location: Optional[Location] = None) -> List[str]:
     """Hook names matching a name, alias or glob such as `attn.hook_*` or `blocks.*.attn.hook_pattern`.
 
     A short name or glob without `blocks.` matches that hook in every block."""
+    if available is None:                     # checking a name against the vocabulary, before a run
+        return [resolve_hook_name(pattern, location)] if not any(ch in pattern for ch in "*?[") else [pattern]
     if any(ch in pattern for ch in "*?["):
         matched = [n for n in available if any(fnmatch.fnmatchcase(s, pattern) for s in _spellings(n))]
         if not matched:

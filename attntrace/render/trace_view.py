@@ -184,11 +184,18 @@ def header_renderable(trace) -> Panel:
     if spec.is_cross:
         enc = " ".join(spec.key_tokens[:32]) + (" …" if len(spec.key_tokens) > 32 else "")
         lines.append(Text.assemble(("encoder tokens ", "dim"), enc))
+    first = spec.attention_of(0)
     lines.append(Text.assemble(("scale ", "dim"), f"{plan.scale_text} = {plan.scale:.6g}",
-                               ("   mask ", "dim"), spec.attention.mask.describe(),
+                               ("   mask ", "dim"), first.mask.describe(),
                                ("   positional ", "dim"), spec.positional.kind,
-                               ("   layout ", "dim"), spec.attention.layout,
+                               ("   layout ", "dim"), first.layout,
                                ("   dtype ", "dim"), trace.dtype))
+    if spec.is_model:
+        block = plan.blocks[0]
+        mlp = f"{block.mlp} MLP ({block.activation})" if block.mlp else "no MLP"
+        norms = f"{block.placement}-norm ({block.ln1 or block.ln2})" if (block.ln1 or block.ln2) else "no norms"
+        lines.append(Text.assemble(("blocks ", "dim"), f"{plan.n_blocks} × [attention, {mlp}, {norms}"
+                                   + (", residual]" if block.residual else "]")))
     return Panel(Group(*lines), title=f"attntrace · {spec.name}", title_align="left", expand=False)
 
 
