@@ -43,10 +43,18 @@ def _nearest_divisors(n: int, current: int, limit: Optional[int] = None) -> List
 
 
 def _layers(spec) -> List[Tuple[Optional[int], str]]:
-    """(layer, how the YAML names its attention) for every attention of the spec."""
+    """(layer, how a fix names that attention) for every attention of the spec ("" for the only one)."""
     if not spec.is_model:
-        return [(None, "attention")]
+        return [(None, "")]
     return [(layer, f"blocks[{layer}].attention") for layer in range(len(spec.blocks))]
+
+
+def _of(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _in(where: str) -> str:
+    return f" in {where}" if where else ""
 
 
 def _input_candidates(spec) -> Iterator[Candidate]:
@@ -72,13 +80,13 @@ def _transpose_candidates(spec, layer: Optional[int], where: str) -> Iterator[Ca
     for name in ("W_q", "W_k", "W_v", "W_o"):
         w = getattr(att, name)
         if w is not None and w.data.ndim == 2 and w.shape[0] != w.shape[1]:
-            yield (f"transpose {where}.{name}: write it as {format_shape(w.shape[::-1], 'bare')} ({name}.T), "
+            yield (f"transpose {_of(where, name)}: write it as {format_shape(w.shape[::-1], 'bare')} ({name}.T), "
                    f"at {w.location}",
                    lambda s, n=name: _with_attention(s, layer, **{n: _transposed(getattr(s.attention_of(layer), n))}))
     wrong = [n for n in ("W_q", "W_k", "W_v") if getattr(att, n).data.ndim == 2
              and getattr(att, n).shape[0] != getattr(att, n).shape[1]]
     if len(wrong) >= 2:
-        yield (f"transpose {' and '.join(wrong)} of {where} (each written (out, in))",
+        yield (f"transpose {' and '.join(wrong)}{_in(where)} (each written (out, in))",
                lambda s: _with_attention(s, layer, **{n: _transposed(getattr(s.attention_of(layer), n))
                                                       for n in wrong}))
     mask = att.mask
@@ -98,20 +106,20 @@ def _size_candidates(spec, layer: Optional[int], where: str) -> Iterator[Candida
     if width:
         for heads in _nearest_divisors(width, att.heads):
             keep_kv = att.kv_heads if att.kv_heads and heads % att.kv_heads == 0 else None
-            yield (f"set `heads: {heads}` in {where} (d_head = {width} / {heads} = {width // heads})",
+            yield (f"set `heads: {heads}`{_in(where)} (d_head = {width} / {heads} = {width // heads})",
                    lambda s, h=heads, kv=keep_kv: _with_attention(s, layer, heads=h, kv_heads=kv))
     if att.kv_heads:
         for kv in _nearest_divisors(att.heads, att.kv_heads):
-            yield (f"set `kv_heads: {kv}` in {where} (it must divide heads={att.heads}: "
+            yield (f"set `kv_heads: {kv}`{_in(where)} (it must divide heads={att.heads}: "
                    f"{att.heads // kv} query heads per kv head)", lambda s, k=kv: _with_attention(s, layer, kv_heads=k))
     if att.d_head:
         inferred = f" = {width} / {att.heads} = {width // att.heads}" if width and width % att.heads == 0 else ""
-        yield (f"remove `d_head: {att.d_head}` from {where}: it is then W_q's width / heads{inferred}",
+        yield (f"remove `d_head: {att.d_head}`{_in(where)}: it is then W_q's width / heads{inferred}",
                lambda s: _with_attention(s, layer, d_head=None))
     for name in ("b_q", "b_k", "b_v", "b_o"):
         b = getattr(att, name)
         if b is not None and b.data.ndim > 1 and b.data.size == max(b.shape):
-            yield (f"write {where}.{name} as one flat list of {b.data.size} numbers, not "
+            yield (f"write {_of(where, name)} as one flat list of {b.data.size} numbers, not "
                    f"{format_shape(b.shape, 'bare')}",
                    lambda s, n=name: _with_attention(s, layer, **{n: _flat(getattr(s.attention_of(layer), n))}))
 
@@ -120,7 +128,7 @@ def _candidates(spec) -> Iterator[Candidate]:
     for layer, where in _layers(spec):
         att = spec.attention_of(layer)
         other = "linear" if att.layout == "x_at_w" else "x_at_w"
-        yield (f"set `layout: {other}` in {where} (weights stored as "
+        yield (f"set `layout: {other}` in {where or 'attention'} (weights stored as "
                f"{'(out, in), like nn.Linear: Q = X @ W_q.T' if other == 'linear' else '(in, out): Q = X @ W_q'})",
                lambda s, layer=layer, other=other: _with_attention(s, layer, layout=other))
     yield from _input_candidates(spec)
