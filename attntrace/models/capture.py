@@ -388,14 +388,19 @@ def _finish_layer(comp: _Component) -> None:
         _finish_mha(part)
     # block hook names for the rebuild of norms, MLP and residuals (DESIGN.md), where unambiguous
     first_input = "src" if comp.kind == "encoder-layer" else "tgt"
-    comp.hook("blocks.0.hook_resid_pre", rec["inputs"].get(first_input), None, "input")
-    comp.hook("blocks.0.mlp.hook_pre", comp.module_tensor("linear1"), None, "module")
-    comp.hook("blocks.0.mlp.hook_post", comp.module_tensor("linear2", "inputs"), None, "module")
-    comp.hook("blocks.0.hook_mlp_out", comp.module_tensor("linear2"), None, "module")
-    comp.hook("blocks.0.hook_resid_post", rec["outputs"].get("0"), None, "output")
+    source = comp.call_tensors.get(first_input)
+    seq_batch = ["batch", "seq_q"] if m.self_attn.batch_first else ["seq_q", "batch"]
+    lead = seq_batch if source is not None and source.dim() == 3 else ["seq_q"]
+    model, mlp = lead + ["d_model"], lead + ["d_mlp"]
+    comp.hook("blocks.0.hook_resid_pre", rec["inputs"].get(first_input), model, "input")
+    comp.hook("blocks.0.mlp.hook_pre", comp.module_tensor("linear1"), mlp, "module")
+    comp.hook("blocks.0.mlp.hook_post", comp.module_tensor("linear2", "inputs"), mlp, "module")
+    comp.hook("blocks.0.hook_mlp_out", comp.module_tensor("linear2"), model, "module")
+    comp.hook("blocks.0.hook_resid_post", rec["outputs"].get("0"), model, "output")
     if m.norm_first:
-        comp.hook("blocks.0.ln1.hook_normalized", comp.module_tensor("norm1"), None, "module")
-        comp.hook("blocks.0.hook_resid_mid", comp.module_tensor("norm2", "inputs"), None, "module")
+        comp.hook("blocks.0.ln1.hook_normalized", comp.module_tensor("norm1"), model, "module")
+        if comp.kind == "encoder-layer":      # a decoder has a cross-attention between its residuals
+            comp.hook("blocks.0.hook_resid_mid", comp.module_tensor("norm2", "inputs"), model, "module")
 
 
 def _finish_parts(comp: _Component) -> List[_Component]:
