@@ -77,6 +77,7 @@ def _internals() -> SimpleNamespace:
 TOLERANCES: Dict[str, Tuple[float, float]] = {      # dtype -> (rtol relative to the hook's magnitude, atol)
     "float64": (1e-9, 1e-12), "float32": (1e-5, 1e-8), "float16": (1e-2, 1e-5), "bfloat16": (4e-2, 1e-4)}
 PRECISION_ORDER = ("bfloat16", "float16", "float32", "float64")     # least precise first
+ROW_PREVIEW = 16            # values of the first diverging row shown
 BLOCKED_AT = -1e4           # a captured score at or below this counts as blocked (-1e9, -10000, finfo.min)
 
 _AXIS_LABELS = {"batch": "batch", "n_heads": "head", "n_kv_heads": "kv head", "seq_q": "query", "seq_k": "key",
@@ -999,8 +1000,9 @@ class HookCheck:
                 "shape": list(self.shape), "axes": list(self.axes) if self.axes else None, "dtype": self.dtype,
                 "status": self.status, "max_abs": _num(self.max_abs), "max_rel": _num(self.max_rel),
                 "cells": self.cells, "differing": self.differing,
-                "first": None if self.first is None else {**self.first, "captured": _num(self.first["captured"]),
-                                                          "expected": _num(self.first["expected"])},
+                "first": None if self.first is None else {
+                    **self.first, **{k: _num(self.first[k]) for k in ("captured", "expected")},
+                    **{k: [_num(v) for v in self.first[k]] for k in ("row_captured", "row_expected")}},
                 "reason": self.reason}
 
 
@@ -1055,7 +1057,11 @@ def _first_index(item: _Captured, bad: np.ndarray, expected: np.ndarray) -> Dict
     for axis, i in zip(axes, index):
         label = _AXIS_LABELS.get(axis, axis)
         named[label] = "mean" if (item.averaged and axis == "n_heads") else i
-    return {"index": named, "captured": float(item.array[index]), "expected": float(expected[index])}
+    row = index[:-1]                             # the cell's row along the last axis (a query's weights ...)
+    return {"index": named, "captured": float(item.array[index]), "expected": float(expected[index]),
+            "row_axis": _AXIS_LABELS.get(axes[-1], axes[-1]),
+            "row_captured": [float(v) for v in item.array[row][:ROW_PREVIEW]],
+            "row_expected": [float(v) for v in expected[row][:ROW_PREVIEW]]}
 
 
 def _run(spec, *, overrides=None, hooks=()):
