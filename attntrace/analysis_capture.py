@@ -237,6 +237,10 @@ def _references(component: Dict[str, Any]) -> List[Tuple[str, str]]:
     for label, entry in component.get("modules", {}).items():
         for side in ("inputs", "outputs"):
             found += [(f"modules.{label}.{side}.{i}", key) for i, key in entry.get(side, {}).items()]
+    config = component.get("config", {})          # a tapped module: weights= and mask= given to capture()
+    found += [(f"config.weights.{name}", key) for name, key in (config.get("weights") or {}).items()]
+    mask = config.get("mask") if isinstance(config.get("mask"), dict) else {}
+    found += [(f"config.mask.{name}", mask[name]) for name in ("tensor", "matrix", "padding") if mask.get(name)]
     return found
 
 
