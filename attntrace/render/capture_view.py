@@ -38,50 +38,46 @@ def _cell(value: float) -> str:
                                                          ("inf" if value > 0 else "-inf"))
 
 
-def _where(first) -> str:
-    if not first:
-        return ""
-    index = ", ".join(f"{axis} {i}" for axis, i in first["index"].items())
-    return f"[{index}] {_cell(first['captured'])} ≠ {_cell(first['expected'])}"
-
-
 def _shape(shape) -> str:
     return "×".join(str(s) for s in shape) if shape else ""
 
 
 def hooks_table(part) -> Table:
+    """One row per captured hook, in the order attention computes them."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for heading, justify in (("step", "right"), ("hook", "left"), ("captured as", "left"), ("status", "left"),
-                             ("max abs", "right"), ("max rel", "right"), ("first diverging cell: yours ≠ reference",
-                                                                          "left")):
-        table.add_column(heading, justify=justify, no_wrap=heading != "first diverging cell: yours ≠ reference")
+    for heading, justify in (("step", "right"), ("hook", "left"), ("status", "left"), ("max abs", "right"),
+                             ("max rel", "right"), ("captured as", "left")):
+        table.add_column(heading, justify=justify, no_wrap=True)
     for h in part.hooks:
         label, style = _STATUS[h.status]
-        marker = "▶ " if h.status in ("first divergence", "shape differs") and h is part.first_divergence else ""
+        marker = "▶ " if h is part.first_divergence else ""
         written = h.written_as if h.written_as != h.hook else ""
         captured = " ".join(bit for bit in (written, _shape(h.shape), f"({h.source})") if bit)
-        detail = _where(h.first) if h.first else h.reason
+        numbers = h.compared and h.status != "shape differs"
         table.add_row(Text(marker + (h.step.split(" ")[0] if h.step else ""), style="bold" if marker else ""),
-                      Text(h.hook, style="magenta"), Text(captured, style="dim"), Text(label, style=style),
-                      _number(h.max_abs) if h.compared and h.status != "shape differs" else "-",
-                      _number(h.max_rel) if h.compared and h.status != "shape differs" else "-",
-                      Text(detail, style="dim" if h.status in ("consequence", "not compared") else ""))
+                      Text(h.hook, style="magenta"), Text(label, style=style),
+                      _number(h.max_abs) if numbers else "-", _number(h.max_rel) if numbers else "-",
+                      Text(captured + (f" · {h.reason}" if h.status in ("not compared", "shape differs") else ""),
+                           style="dim"))
     return table
 
 
 def first_row_table(check) -> Table:
     """The row that holds the first diverging cell, yours above the reference."""
     first = check.first
-    where = ", ".join(f"{axis} {i}" for axis, i in list(first["index"].items())[:-1])
     table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
-    table.add_column(escape(f"{check.hook} [{where}] along {first['row_axis']}"), no_wrap=True)
+    table.add_column(escape(first["row_axis"]), no_wrap=True)
     for i in range(len(first["row_captured"])):
         table.add_column(str(i), justify="right", no_wrap=True)
     marked = list(first["index"].values())[-1]
     for label, values in (("yours", first["row_captured"]), ("reference", first["row_expected"])):
-        table.add_row(label, *[Text(_cell(v), style="bold red" if i == marked else "")
+        table.add_row(label, *[Text(_short(v), style="bold red" if i == marked else "")
                                for i, v in enumerate(values)])
     return table
+
+
+def _short(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else _cell(value)
 
 
 def _bug_panel(match, first_hook, title: str, colour: str) -> Panel:
@@ -107,7 +103,13 @@ def part_renderable(part) -> Group:
     items.append(Text.assemble(("✗ differs", "bold red"), f": first divergence at step {first.step} ({first.hook})"
                                if first and first.step else ""))
     if first is not None and first.first:
+        cell = first.first
+        where = ", ".join(f"{axis} {i}" for axis, i in cell["index"].items())
+        items.append(Text(f"first diverging cell: {where} — yours {_cell(cell['captured'])}, reference "
+                          f"{_cell(cell['expected'])}; its row:"))
         items.append(first_row_table(first))
+    elif first is not None:
+        items.append(Text(first.reason, style="red"))
     for match in part.bugs:
         items.append(_bug_panel(match, first.hook if first else None, "the bug", "red"))
     if not part.bugs:
