@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +21,9 @@ if os.environ.get("CI") == "true":
 else:
     torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tutorial_attention as tutorial  # noqa: E402
+import tutorial_attention as tutorial  # noqa: E402 -- needs torch (tests/ is on sys.path, as for reference.py)
 
-from attntrace.analysis_capture import (TOLERANCES, check_capture, load_capture,  # noqa: E402
-                                        spec_from_capture)
+from attntrace.analysis_capture import TOLERANCES, check_capture, load_capture, spec_from_capture  # noqa: E402
 from attntrace.errors import InputError  # noqa: E402
 from attntrace.models import capture as capture_mod  # noqa: E402
 from attntrace.models.capture import capture, tap  # noqa: E402
@@ -177,6 +173,39 @@ def test_minus_1e9_mask_in_float32_is_not_blamed_on_a_wrong_bug(tmp_path):
     row = part.first_divergence.first
     assert row["row_captured"] == pytest.approx([0.2] * 5) and row["row_expected"] == [0.0] * 5
     assert "no catalogue bug reproduces" in part.summary()
+
+
+@pytest.mark.parametrize("cls, bug", [(tutorial.GroupedQueryAttention, None),
+                                      (tutorial.GroupedQueryAttentionTiled, "kv-heads-tiled")])
+def test_grouped_query_attention_with_a_fused_projection(tmp_path, cls, bug):
+    """A fused [q | k | v] projection is split by heads (4 query, 2 kv heads), not in thirds."""
+    torch.manual_seed(2)
+    module = cls(D, H, 2).eval()
+    path = tmp_path / "gqa.safetensors"
+    with capture(module, path, weights={"qkv": module.qkv, "o": module.out}, heads=H, kv_heads=2, mask="causal"):
+        module(inputs())
+    report = check_capture(path)
+    spec = spec_from_capture(path)
+    assert spec["attention"]["W_k"].shape == (2 * D_K, D) and spec["attention"]["kv_heads"] == 2
+    if bug is None:
+        assert report.verdict == "matches" and report.bug_names == []
+    else:
+        assert report.verdict == "differs" and report.bug_names == [bug]
+        assert report.parts[0].first_divergence.hook == "attn.hook_pattern"
+
+
+def test_assumptions_and_ambiguous_axes_are_warned(tmp_path):
+    """No mask= for a forward that takes a mask: read as keep, said so (ATT-W343).  Q tapped as
+    (batch, 5, 5, 6) with seq = heads = 5: two layouts fit, the head-major one is taken (ATT-W344)."""
+    torch.manual_seed(0)
+    module = tutorial.MultiHeadAttention(30, 5).eval()
+    path = tmp_path / "ambiguous.safetensors"
+    with capture(module, path, weights=linears(module), heads=5):
+        module(torch.randn(2, 5, 30), KEEP.unsqueeze(1))
+    report = check_capture(path)
+    codes = {d.code for d in report.notes}
+    assert {"ATT-W343", "ATT-W344"} <= codes
+    assert report.verdict == "matches"           # head-major is how the tutorial holds Q
 
 
 # =========================================================================== nn.MultiheadAttention

@@ -268,3 +268,39 @@ class MultiHeadAttentionHalfMask(MultiHeadAttentionPyTorch):
         context = context.transpose(1, 2).contiguous().view(batch_size, -1, self.d_model)
         attntrace.tap("concat", context)
         return attntrace.tap("output", self.W_o(context)), attn_weights
+
+
+# =========================================================================== grouped-query attention (not from a seed)
+
+class GroupedQueryAttention(nn.Module):
+    """Llama-style grouped-query attention written by hand: one fused projection [q | k | v],
+    kv heads shared by groups of query heads (repeat_interleave), causal."""
+
+    def __init__(self, d_model, n_heads, n_kv_heads):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.d_head, bias=False)
+        self.out = nn.Linear(n_heads * self.d_head, d_model, bias=False)
+
+    def share(self, kv):
+        return kv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.d_head, self.n_kv_heads * self.d_head,
+                                     self.n_kv_heads * self.d_head], dim=-1)
+        q = q.view(b, s, self.n_heads, self.d_head).transpose(1, 2)
+        k = self.share(k.view(b, s, self.n_kv_heads, self.d_head).transpose(1, 2))
+        v = self.share(v.view(b, s, self.n_kv_heads, self.d_head).transpose(1, 2))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
+        causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+        weights = attntrace.tap("weights", F.softmax(scores.masked_fill(causal, float("-inf")), dim=-1))
+        z = attntrace.tap("z", weights @ v)
+        return attntrace.tap("output", self.out(z.transpose(1, 2).reshape(b, s, -1)))
+
+
+class GroupedQueryAttentionTiled(GroupedQueryAttention):
+    """Mistake: kv heads shared with .repeat (tiles 0,1,0,1) instead of .repeat_interleave (0,0,1,1)."""
+
+    def share(self, kv):
+        return kv.repeat(1, self.n_heads // self.n_kv_heads, 1, 1)  # MISTAKE: repeat, not repeat_interleave
