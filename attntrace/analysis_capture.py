@@ -1068,9 +1068,14 @@ def _first_index(item: _Captured, bad: np.ndarray, expected: np.ndarray) -> Dict
             "row_expected": [float(v) for v in expected[row][:ROW_PREVIEW]]}
 
 
-def _run(spec, *, overrides=None, hooks=()):
-    return _internals().run(spec, keep="all", dtype="float64", overrides=overrides, hooks=list(hooks), check=False,
+def _run(spec, *, keep="all", overrides=None, hooks=()):
+    return _internals().run(spec, keep=keep, dtype="float64", overrides=overrides, hooks=list(hooks), check=False,
                             spec_hooks=False)
+
+
+def _kept(captured: List[_Captured]) -> List[str]:
+    """Keep only the hooks that are compared: a long-context replay holds a few score-sized arrays, not all."""
+    return [c.hook for c in captured] or ["hook_attn_out"]
 
 
 def _compare_all(trace, captured: List[_Captured], rtol: float, atol: float) -> Dict[str, _Diff]:
@@ -1158,7 +1163,7 @@ def _replay(spec, names: Sequence[str], captured: List[_Captured], rtol: float, 
     for name in names:
         overrides.update(catalogue[name].overrides([]))
     try:
-        trace = _run(spec, overrides=overrides)
+        trace = _run(spec, keep=_kept(captured), overrides=overrides)
     except (ShapeError, InputError):
         return None                              # the bug breaks the shapes: it cannot give these numbers
     except Exception:                            # noqa: BLE001 -- a replay must never break the check itself
@@ -1297,7 +1302,7 @@ def _check_part(capture: CaptureFile, record: Dict[str, Any], rtol: Optional[flo
     try:
         spec = internals.load_spec(rebuild.spec)
         plan = internals.plan_from_spec(spec)
-        reference = _run(spec)
+        reference = _run(spec, keep=[h for h in resolved if h in plan.hooks] or "auto")
     except ShapeError as error:
         raise input_error("ATT-E354", f"{capture.path}: the captured weights and inputs of {part.label} do not fit "
                                       f"together: {error.diagnosis.message}",
@@ -1369,7 +1374,7 @@ def _own_or_consequence(spec, item: _Captured, patches: List[Tuple[str, np.ndarr
         return "diverges"
     hooks = [(hook, (lambda array, *, hook, value=value: value)) for hook, value in patches]
     try:
-        patched = _run(spec, hooks=hooks)
+        patched = _run(spec, keep=[item.hook], hooks=hooks)
     except (ShapeError, InputError):
         return "diverges"
     return "consequence" if _difference(item.array, _reference(patched, item), rtol, atol, item.hook).ok \

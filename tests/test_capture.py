@@ -208,6 +208,39 @@ def test_assumptions_and_ambiguous_axes_are_warned(tmp_path):
     assert report.verdict == "matches"           # head-major is how the tutorial holds Q
 
 
+
+class SeqFirstHeads(torch.nn.Module):
+    """Two heads held as (batch, seq, heads, d) -- attntrace's order, not PyTorch's usual -- with
+    seq = heads = 2, so the shape alone cannot tell which axis is which."""
+
+    def __init__(self, named: bool):
+        super().__init__()
+        self.named = named
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 2, 4) for p in (self.q, self.k, self.v))
+        tap("Q", q, axes=("batch", "seq", "heads", "d_head") if self.named else None)
+        w = tap("weights", torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / 2, dim=-1))
+        return tap("z", torch.einsum("bhqk,bkhd->bqhd", w, v), axes="batch seq heads d_v" if self.named else None)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_tap_axes_settle_an_ambiguous_shape(tmp_path, named):
+    torch.manual_seed(0)
+    module = SeqFirstHeads(named).eval()
+    path = tmp_path / "axes.safetensors"
+    with capture(module, path, weights={"q": module.q, "k": module.k, "v": module.v}, heads=2):
+        module(torch.randn(1, 2, 8))
+    report = check_capture(path)
+    ambiguous = [d for d in report.notes if d.code == "ATT-W344"]
+    if named:
+        assert report.verdict == "matches" and not ambiguous
+    else:                                        # read head-major: wrong here, and the warning says why
+        assert report.verdict == "differs" and {d.hook for d in ambiguous} == {"attn.hook_q", "attn.hook_z"}
+
+
 # =========================================================================== nn.MultiheadAttention
 
 def _causal_bool(n):
@@ -269,6 +302,31 @@ def test_multihead_attention_mask_keeps_its_convention(tmp_path):
     mask = spec["attention"]["mask"]
     assert mask["convention"] == "ignore" and np.array_equal(mask["padding"], PAD.numpy())
     assert spec["attention"]["layout"] == "linear" and spec["attention"]["heads"] == H
+
+
+def test_rebuilt_spec_computes_what_torch_computed(tmp_path):
+    """The spec alone, run by attntrace, gives torch's output (no check machinery in between)."""
+    import attntrace
+    torch.manual_seed(4)
+    mha = torch.nn.MultiheadAttention(D, H, kdim=7, vdim=9, add_bias_kv=True).eval()      # side by side inputs
+    x, key, value = torch.randn(S, B, D), torch.randn(S + 1, B, 7), torch.randn(S + 1, B, 9)
+    with capture(mha, tmp_path / "cross.safetensors"):
+        out, weights = mha(x, key, value, average_attn_weights=False)
+    spec = spec_from_capture(tmp_path / "cross.safetensors")
+    trace = attntrace.run(spec, keep="all")
+    assert np.allclose(trace["hook_attn_out"], out.detach().numpy().transpose(1, 0, 2), rtol=0, atol=1e-5)
+    assert np.allclose(trace["attn.hook_pattern"], weights.detach().numpy(), rtol=0, atol=1e-6)
+    assert spec["encoder"]["tokens"][-1] == "bias_kv" and trace["attn.hook_pattern"].shape == (B, H, S, S + 2)
+
+
+def test_training_mode_dropout_is_warned(tmp_path):
+    mha = torch.nn.MultiheadAttention(D, H, dropout=0.5, batch_first=True).train()
+    x = inputs()
+    with capture(mha, tmp_path / "train.safetensors"):
+        mha(x, x, x)
+    report = check_capture(tmp_path / "train.safetensors")
+    assert "ATT-W340" in {d.code for d in report.notes}
+    assert report.verdict == "differs"             # dropped weights: not attention as specified
 
 
 @pytest.mark.parametrize("error", [1e-4, 1e-3])

@@ -567,6 +567,11 @@ def _finish_tapped(comp: _Component) -> None:
                               "tensor": rec["inputs"][mask_params[0]]}
         else:
             config["mask"] = {"kind": "none"}
+    dropout = [m.p for m in comp.module.modules() if "Dropout" in type(m).__name__ and getattr(m, "p", 0)]
+    if comp.module.training and dropout:
+        comp.capture.note("ATT-W340", f"{type(comp.module).__name__} ran in training mode with dropout "
+                                      f"{max(dropout):g}: its numbers are random",
+                          "call module.eval() before capturing")
     if options["layout_assumed"]:
         comp.capture.note("ATT-W343", "weights given as tensors were read as nn.Linear weights (out, in)",
                           "say it: capture(..., layout='linear') or layout='x_at_w' for Q = X @ W_q")
