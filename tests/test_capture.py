@@ -304,6 +304,17 @@ def test_multihead_attention_mask_keeps_its_convention(tmp_path):
     assert spec["attention"]["layout"] == "linear" and spec["attention"]["heads"] == H
 
 
+def test_is_causal_hint_that_contradicts_attn_mask(tmp_path):
+    """need_weights=False, no key_padding_mask: PyTorch trusts is_causal and ignores attn_mask."""
+    not_causal = torch.zeros(S, S, dtype=torch.bool)
+    not_causal[:, 0] = True
+    report = run_mha(tmp_path / "hint.safetensors", dict(batch_first=True),
+                     dict(attn_mask=not_causal, is_causal=True, need_weights=False))
+    assert report.verdict == "matches"
+    assert "ATT-W345" in {d.code for d in report.notes}
+    assert spec_from_capture(tmp_path / "hint.safetensors")["attention"]["mask"] == "causal"
+
+
 def test_rebuilt_spec_computes_what_torch_computed(tmp_path):
     """The spec alone, run by attntrace, gives torch's output (no check machinery in between)."""
     import attntrace
