@@ -9,10 +9,19 @@ Imports are lazy so that `attntrace --help` starts instantly.
 """
 __version__ = "0.1.0"
 
-__all__ = ["load_spec", "load_spec_text", "run", "Trace", "Spec", "AttnTraceError", "__version__"]
+__all__ = ["load_spec", "load_spec_text", "run", "Trace", "Spec", "AttnTraceError", "capture", "tap",
+           "check_capture", "__version__"]
 
 
 def __getattr__(name):
+    if name in ("capture", "tap"):
+        # torch is imported only when a capture starts; bound once, because tap() runs inside forwards
+        from attntrace.models import capture as capture_module
+        value = globals()[name] = getattr(capture_module, name)
+        return value
+    if name == "check_capture":
+        from attntrace.analysis.capture import check_capture
+        return check_capture
     if name in ("load_spec", "load_spec_text", "Spec"):
         from attntrace.inputs import spec
         return getattr(spec, name)

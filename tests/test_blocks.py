@@ -150,7 +150,7 @@ def _torch_llama(spec_dict):
         ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None]
         cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 
-        def rot(t):
+        def rot(t, cos=cos, sin=sin):
             half = t.shape[-1] // 2
             return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
         q, k = rot(q), rot(k)

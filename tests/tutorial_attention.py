@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import attntrace.models.capture as attntrace  # noqa: I001 -- `attntrace.tap` as user code writes it
+import attntrace
 
 # =========================================================================== seed 001 (PyTorch, nn.Linear)
 

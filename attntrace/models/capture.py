@@ -6,7 +6,7 @@
 records the module's inputs, weights, outputs and configuration (and every
 tensor the user marks with :func:`tap`) so that ``attntrace check`` can rebuild
 the same attention as a spec, run attntrace's reference trace on the same
-numbers and compare hook by hook (:mod:`attntrace.analysis_capture`).
+numbers and compare hook by hook (:mod:`attntrace.analysis.capture`).
 
 torch is imported inside functions only: ``import attntrace`` never needs it,
 and :func:`tap` outside a capture is a no-op that touches no torch code.
@@ -73,7 +73,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..errors import InputError, input_error
+from attntrace.errors import InputError, input_error
 
 FORMAT_NAME = "attntrace-capture"
 FORMAT_VERSION = 1
@@ -814,12 +814,8 @@ class Capture:
         import torch
         devices = sorted({str(t.device) for t in self.store.tensors.values()})
         floats = [str(t.dtype).split(".")[-1] for t in self.store.tensors.values() if t.is_floating_point()]
-        try:
-            import transformers
-            transformers_version = transformers.__version__
-        except ImportError:
-            transformers_version = None
-        from .. import __version__
+        transformers_version = _installed_version("transformers")     # without importing it
+        __version__ = _installed_version("attntrace")
         return {
             "format": FORMAT_NAME, "version": FORMAT_VERSION,
             "producer": {"attntrace": __version__, "torch": torch.__version__, "transformers": transformers_version},
@@ -881,3 +877,10 @@ def _stream_tensor(out, tensor) -> None:
             part = part.to(torch.uint8)
         out.write(part.contiguous().numpy().data)
 
+
+def _installed_version(distribution: str) -> Optional[str]:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -51,8 +51,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import Diagnosis, InputError, ShapeError, input_error
-from .models.capture import DTYPE_CODES, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
+from attntrace.analysis import bugs
+from attntrace.analysis.run import run
+from attntrace.core.plan import plan_from_spec
+from attntrace.errors import Diagnosis, InputError, ShapeError, input_error
+from attntrace.hookpoints import HOOK_POINTS, resolve_hook_name
+from attntrace.inputs.spec import load_spec
+from attntrace.models.capture import DTYPE_CODES, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
 
 # --------------------------------------------------------------------------- the one import of internals
 
@@ -60,15 +65,14 @@ from .models.capture import DTYPE_CODES, FORMAT_NAME, FORMAT_VERSION, METADATA_K
 @functools.cache
 def _internals() -> SimpleNamespace:
     """Every attntrace internal this module needs (repoint here when modules move)."""
-    from . import bugs, engine, hooks, plan, spec
     return SimpleNamespace(
         catalogue=bugs.CATALOGUE,                         # name -> Bug (.overrides(), .cannot_show(), ...)
-        run=engine.run,                                   # run(spec, keep=, dtype=, overrides=, hooks=, check=)
-        plan_from_spec=plan.plan_from_spec,
-        load_spec=spec.load_spec,
-        resolve_hook=hooks.resolve_hook_name,
-        hook_axes={h.name: h.axes for h in hooks.HOOK_POINTS},
-        hook_order=[h.name for h in hooks.HOOK_POINTS],
+        run=run,                                          # run(spec, keep=, dtype=, overrides=, hooks=, check=)
+        plan_from_spec=plan_from_spec,
+        load_spec=load_spec,
+        resolve_hook=resolve_hook_name,
+        hook_axes={h.name: h.axes for h in HOOK_POINTS},
+        hook_order=[h.name for h in HOOK_POINTS],
     )
 
 
