@@ -7,6 +7,7 @@ bare execution the re-running checks and bug replays use.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -21,24 +22,30 @@ from attntrace.core.plan import Plan, Step, plan_from_spec
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError, input_error
 from attntrace.inputs.spec import Spec, load_spec
+from attntrace.models.build import resolve as resolve_model
 
 CHECK_LEVELS = ("none", "default", "all")
 Check = Union[bool, str]
 
 
-def prepare(spec: Union[Spec, str, dict]) -> Tuple[Spec, Plan, List[Diagnosis]]:
+def load(spec: Union[Spec, str, Path, dict]) -> Spec:
+    """A spec from a path, a dict or a Spec, with its `model:` (a real checkpoint) resolved into blocks."""
+    return resolve_model(load_spec(spec))
+
+
+def prepare(spec: Union[Spec, str, Path, dict]) -> Tuple[Spec, Plan, List[Diagnosis]]:
     """Load the spec, plan it and run the pre-flight shape diagnosis.
 
     Raises ShapeError (exit 3) with verified fixes attached; returns the warnings
-    sizes alone cannot settle."""
-    spec = load_spec(spec)
+    sizes alone cannot settle (and what loading a checkpoint noticed)."""
+    spec = load(spec)
     plan = plan_from_spec(spec)
     try:
         warnings = preflight(spec, plan)
     except ShapeError as error:
         attach_verified_fixes(spec, error.diagnoses)
         raise
-    return spec, plan, warnings
+    return spec, plan, list(spec.notes) + warnings
 
 
 def _check_level(check: Check) -> str:
@@ -52,14 +59,14 @@ def _check_level(check: Check) -> str:
 
 
 def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
-        dtype: str = "float64", overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
+        dtype: Optional[str] = None, overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
         on_step: Optional[Callable] = None, spec_hooks: bool = True) -> Trace:
     """Trace attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
 
     hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
     spec_hooks: also apply the spec's own `hooks:` list (first, before `hooks`).
     keep: which arrays the trace keeps: "auto" (arrays up to 1M values), "all", or hook names/patterns.
-    dtype: "float64" (default) or "float32".
+    dtype: "float64" or "float32"; by default float64, and for a `model:` its own (float32 unless it says).
     check: True / "default" (the invariant checks of every step), "all" (also the checks
     that re-run attention on perturbed inputs), False / "none".
     on_step: called as on_step(step, array, trace) after each step (`run --step`).
@@ -67,6 +74,7 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     """
     level = _check_level(check)
     spec, plan, warnings = prepare(spec)
+    dtype = dtype or default_dtype(spec)
     if spec_hooks and spec.hooks:
         hooks = hooks_from_spec(spec) + list(hooks)
     hookset = HookSet(hooks, plan.hooks)
@@ -85,6 +93,13 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
         trace.diagnoses.extend(found)
         trace.checks_passed.extend(passed)
     return trace
+
+
+def default_dtype(spec: Spec) -> str:
+    """float64 for hand-written specs (exact); a model computes as it runs, in float32, unless it says."""
+    if spec.model is not None:
+        return spec.model.dtype or "float32"
+    return "float64"
 
 
 def _step_checker(spec: Spec, plan: Plan, level: str):
