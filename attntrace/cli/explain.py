@@ -68,7 +68,7 @@ def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_
                               hint="e.g. attntrace explain-shapes --seq 10 --d-model 512 --heads 8")
         plan = plan_for_flags(seq=seq, d_model=d_model, heads=heads, batch=batch, kv_heads=kv_heads, d_head=d_head,
                               d_v=d_v, seq_k=seq_k, masked=masked, positional=positional, has_w_o=not no_w_o)
-    flow = describe_flow(plan, dtype)
+    flow = describe_flow(plan, dtype or "float64")
     exit_code = EXIT_SHAPE_ERROR if diagnoses else EXIT_OK
     if fmt == "json":
         print_json({"exit_code": exit_code, "flow": flow.to_json(), "diagnoses": [d.to_json() for d in diagnoses]})
