@@ -78,6 +78,7 @@ CODES: Dict[str, Code] = {
     "ATT-E067": _failed("a hand calculation diverges from the trace"),
     "ATT-E068": _input("--step cannot be combined with --format json"),
     "ATT-E080": _input("the forward trace lacks an array the backward pass needs"),
+    "ATT-E081": _input("gradients of transformer blocks are not computed (one attention layer only)"),
     # ---- shape errors found before numpy runs (exit 3)
     "ATT-E101": _shape("a matrix product contracts axes of different sizes"),
     "ATT-E102": _shape("the number of tokens differs from the number of embedding rows"),

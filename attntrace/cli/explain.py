@@ -54,8 +54,8 @@ def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_
                               hint="the spec binds every size itself; edit it to try other sizes")
         from attntrace.analysis.diagnose import find_problems
         from attntrace.analysis.fixes import attach_verified_fixes
+        from attntrace.analysis.run import load as load_spec
         from attntrace.core.plan import plan_from_spec
-        from attntrace.inputs.spec import load_spec
         loaded = load_spec(spec)
         plan = plan_from_spec(loaded)
         diagnoses = find_problems(loaded, plan)
