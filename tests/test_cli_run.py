@@ -125,9 +125,18 @@ def test_big_matrices_are_elided(tmp_path, invoke):
         "  W_k: {npy: wk.npy}\n  W_v: {npy: wv.npy}\n  mask: causal\n")
     code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--values")
     assert code == 0
-    assert "⋮" in out and "…" in out
+    # the gaps are visible and counted: 300 rows shown as 0–3 and 296–299
+    assert "⋯ 292 tokens ⋯ (4–295 not shown)" in out and "⋯292⋯" in out
     assert len(out.splitlines()) < 60
     assert "max →" in out
+    # the heatmap of a long sequence is a pooled overview labelled with token ranges
+    code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--width", "120")
+    assert code == 0 and "pooled: each cell is the block max over up to 7 queries × 7 keys" in out
+    assert "  0–5 " in out and "294–299 " in out
+    code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--full", "--values",
+                       "--width", "120")
+    assert code == 0 and "head 0 · keys 0–6 of 300" in out and "keys 294–299 of 300" in out
+    assert max(len(line) for line in out.splitlines()) <= 120       # pages fit the width
     # JSON carries a preview, not 2×300×300 values
     code, out = invoke("run", tmp_path / "big.yaml", "--format", "json")
     pattern = {s["hook"]: s for s in json.loads(out)["steps"]}["attn.hook_pattern"]

@@ -45,6 +45,11 @@ def parse_steps(text, plan):
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
 @precision_option(4)
 @width_option
+@click.option("--full", is_flag=True, help="Every row and column of every matrix (wide ones paged by columns).")
+@click.option("--max-cells", type=click.IntRange(min=4), help="Cells one matrix may show before it is elided "
+              "(default 12×12 numbers, 48×48 heatmap cells).")
+@click.option("--pool", type=click.Choice(["max", "mean"]), default="max", show_default=True,
+              help="A long sequence's overview: the block max or mean of each range of tokens.")
 @click.option("--heatmap/--values", default=None,
               help="Score matrices as compact block heatmaps or as numbers (default: heatmaps when "
                    "more than two heads or batch items are shown).")
@@ -66,7 +71,8 @@ def parse_steps(text, plan):
               help="Pause after each step like a debugger: next, show HOOK, stats, continue, quit.")
 @format_option
 @handles_errors
-def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, heatmap, dtype, strict,
+def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, full, max_cells, pool, heatmap,
+        dtype, strict,
         check_level, inject, hook_texts, hook_file, exports, step_mode, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
@@ -102,7 +108,7 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)
     options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap,
-                          layers=list(layers) if layers else None)
+                          layers=list(layers) if layers else None, full=full, max_cells=max_cells, pool=pool)
     stepper = None
     if step_mode:
         from attntrace.render.stepper import stepper_for

@@ -23,7 +23,7 @@ import numpy as np
 from attntrace.core import masks, ops, positional
 from attntrace.core.hooks import HookSet
 from attntrace.core.plan import BlockPlan, Plan, Step
-from attntrace.core.stats import PREVIEW_EDGE, array_stats, preview, row_winners, scaled_stats
+from attntrace.core.stats import POOL_CELLS, PREVIEW_EDGE, array_stats, pool, preview, row_winners, scaled_stats
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError
 from attntrace.hookpoints import match_hooks, point_of
@@ -374,8 +374,10 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
             state.protect(step)
             trace.arrays[step.hook] = array
         else:
-            rows, cols, _ = point_of(step.hook).display
-            trace.previews[step.hook] = preview(array, rows, cols, PREVIEW_EDGE)
+            point = point_of(step.hook)
+            trace.previews[step.hook] = preview(array, point.rows, point.cols, PREVIEW_EDGE)
+            if point.axes[-2:] == ("seq_q", "seq_k") and array.shape[-1] > POOL_CELLS:
+                trace.pooled[step.hook] = pool(array)       # what a long sequence's overview draws
         trace.stats[step.hook] = _step_stats(step, array, state, trace,
                                              standard=step.key not in (overrides or {}) and
                                              step.hook not in hookset.hooked)
