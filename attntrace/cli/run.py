@@ -67,13 +67,15 @@ def parse_steps(text, plan):
               help="Run hooks from a Python file defining HOOKS = [(hook, fn), ...] (this runs its code).")
 @click.option("--export", "exports", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="Also write the trace to FILE (repeatable): .svg .html .txt rendered, .json .npz data.")
+@click.option("--head-summary", is_flag=True, help="Under the trace, score and rank every head "
+              "(as `attntrace heads`).")
 @click.option("--step", "step_mode", is_flag=True,
               help="Pause after each step like a debugger: next, show HOOK, stats, continue, quit.")
 @format_option
 @handles_errors
 def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, full, max_cells, pool, heatmap,
         dtype, strict,
-        check_level, inject, hook_texts, hook_file, exports, step_mode, fmt):
+        check_level, inject, hook_texts, hook_file, exports, head_summary, step_mode, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
     Without SPEC, runs the built-in example: seed 000's four tokens "猫 抓 了 老鼠".
@@ -149,9 +151,18 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     from attntrace.analysis.actions import hook_summary
     hooks_note = hook_summary(loaded, extra_hooks)
 
+    summary = None
+    if head_summary:
+        from attntrace.analysis.headfinder import find_heads
+        summary = find_heads(loaded, trace=trace, top=12)
+        expect_json["heads"] = summary.to_json()
+
     def render(out, stepped=False):
         from attntrace.render.trace_view import render_checks, render_trace
         render_checks(out, trace) if stepped else render_trace(out, trace, options)
+        if summary is not None:
+            from attntrace.render.heads_view import heads_table
+            out.print(heads_table(summary))
         if hooks_note:
             out.print(hooks_note, style="yellow", markup=False)
         if report:

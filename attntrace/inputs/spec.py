@@ -205,6 +205,7 @@ class Spec:
     shown_layers: Optional[List[int]] = None      # the layers asked for (a model traced up to the last of them)
     batch_tokens: Optional[List[List[str]]] = None   # per batch item, when items differ (a batch of texts)
     notes: List[Any] = field(default_factory=list)   # diagnoses found while loading (a checkpoint's warnings)
+    token_ids: Optional[np.ndarray] = None        # a model's input ids (batch, seq)
     embed_norm: Optional[NormSpec] = None
     final_norm: Optional[NormSpec] = None
 

@@ -94,7 +94,8 @@ def model_spec(loaded: LoadedModel, text_input: TokenizedInput, *, layers: Optio
                 embed_norm=_norm(weights.embed_norm, "embed_norm", array),
                 final_norm=_norm(weights.final_norm, "ln_final", array) if complete else None,
                 shown_layers=shown if shown != list(range(cfg.n_layers)) else None,
-                batch_tokens=[list(t) for t in text_input.tokens] if len(text_input.tokens) > 1 else None)
+                batch_tokens=[list(t) for t in text_input.tokens] if len(text_input.tokens) > 1 else None,
+                token_ids=ids)
 
 
 def _block(cfg, layer, i: int, padding: np.ndarray, array) -> BlockSpec:
@@ -132,3 +133,30 @@ def _describe(loaded: LoadedModel, text_input: TokenizedInput, shown: List[int])
     if len(shown) != cfg.n_layers:
         text += f"; layers {shown[0]}–{shown[-1]} shown" if len(shown) > 1 else f"; layer {shown[0]} shown"
     return text
+
+
+def model_facts(ref: ModelRef):
+    """(vocab size, BOS id or None, ids to avoid) of a model: what a repeated random sequence may use.
+
+    Special and unused tokens ([CLS], [unused12], <|endoftext|> ...) are avoided; they come from
+    tokenizer.json (its added tokens, and vocabulary entries written in brackets)."""
+    import json
+    import re
+
+    from attntrace.models.checkpoint import find_checkpoint
+    from attntrace.models.config import load_config
+    files = find_checkpoint(ref.source)
+    cfg = load_config(files.config)
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    avoid = {i for i in (cfg.pad_token_id, cfg.bos_token_id, *eos) if i is not None}
+    bos = cfg.bos_token_id
+    if files.tokenizer is not None:
+        document = json.loads(Path(files.tokenizer).read_text(encoding="utf-8"))
+        added = {t["content"]: t["id"] for t in document.get("added_tokens", []) if t.get("special")}
+        avoid |= set(added.values())
+        vocab = (document.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            avoid |= {i for token, i in vocab.items() if re.fullmatch(r"\[.*\]|<\|.*\|>|<.*>", token)}
+        if bos is None:                    # BERT: the classifier token opens every sequence
+            bos = added.get("[CLS]", added.get("<s>"))
+    return cfg.vocab_size, bos, sorted(avoid)
