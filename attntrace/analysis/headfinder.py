@@ -39,7 +39,7 @@ class HeadReport:
     how: Dict[str, str] = field(default_factory=dict)      # how the token scores were measured
 
     def to_json(self) -> Dict:
-        return {"attntrace": 1, "sort": self.sort, "tokens": self.tokens, "layers": self.layer_names,
+        return {"attntrace": 1, "sort": self.sort, "tokens": self.tokens, "layer_names": self.layer_names,
                 "how": self.how, **self.scores.to_json(),
                 "ranked": [{"layer": r.layer, "head": r.head, "value": None if np.isnan(r.value) else r.value,
                             "scores": {k: (None if np.isnan(v) else v)
