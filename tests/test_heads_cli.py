@@ -58,5 +58,5 @@ def test_heads_on_minilm(invoke):
                           keep=f"blocks.{top['layer']}.attn.hook_pattern")
     pattern = trace[f"blocks.{top['layer']}.attn.hook_pattern"][0, top["head"]]
     below = np.mean([pattern[i, i - 1] for i in range(1, pattern.shape[0])])
-    assert abs(below - top["value"]) < 1e-9       # the score is what its definition says, on the trace itself
+    assert abs(below - top["value"]) < 1e-6       # the score is its definition, on the (float32) trace itself
     assert "repeated random sequence" in doc["how"]["induction"]
