@@ -13,6 +13,13 @@ __all__ = ["load_spec", "load_spec_text", "run", "Trace", "Spec", "AttnTraceErro
            "check_capture", "__version__"]
 
 
+def _notebook_display(trace) -> str:
+    """A Trace in Jupyter: the offline HTML explorer.  The package's face wires it, because
+    core/ (where Trace lives) must not import render/ (where drawing lives)."""
+    from attntrace.render.trace_explorer import trace_html
+    return trace_html(trace)
+
+
 def __getattr__(name):
     if name in ("capture", "tap"):
         # torch is imported only when a capture starts; bound once, because tap() runs inside forwards
@@ -25,12 +32,11 @@ def __getattr__(name):
     if name in ("load_spec", "load_spec_text", "Spec"):
         from attntrace.inputs import spec
         return getattr(spec, name)
-    if name == "run":
+    if name in ("run", "Trace"):
         from attntrace.analysis.run import run
-        return run
-    if name == "Trace":
         from attntrace.core.trace import Trace
-        return Trace
+        Trace._repr_html_ = _notebook_display
+        return run if name == "run" else Trace
     if name == "AttnTraceError":
         from attntrace.errors import AttnTraceError
         return AttnTraceError

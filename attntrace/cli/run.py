@@ -66,7 +66,8 @@ def parse_steps(text, plan):
 @click.option("--hook-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Run hooks from a Python file defining HOOKS = [(hook, fn), ...] (this runs its code).")
 @click.option("--export", "exports", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
-              help="Also write the trace to FILE (repeatable): .svg .html .txt rendered, .json .npz data.")
+              help="Also write the trace to FILE (repeatable): .html the offline explorer, .svg .txt rendered, "
+                   ".json .npz data.")
 @click.option("--head-summary", is_flag=True, help="Under the trace, score and rank every head "
               "(as `attntrace heads`).")
 @click.option("--step", "step_mode", is_flag=True,
@@ -98,7 +99,7 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.files import check_targets
-    from attntrace.render.export import wants_data
+    from attntrace.render.export import wants_data, wants_patterns
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
     source = model_source(spec, model, texts, id_rows, layers, dtype)
@@ -120,7 +121,8 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
         from attntrace.render.stepper import StopStepping
         try:
             run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper,
-                               keep="all" if wants_data(targets) else "auto")
+                               keep="all" if wants_data(targets) else
+                               ["*attn.hook_pattern"] if wants_patterns(targets) else "auto")
             verdict = None
             if inject:                  # the bug's own shape error is part of its verdict, not a crash
                 from attntrace.analysis.bugs import inject as inject_bug
