@@ -80,7 +80,7 @@ def test_json_twin_values(invoke):
     doc = json.loads(out)
     assert doc["exit_code"] == 0 and doc["tokens"] == ["A", "B", "C"]
     assert doc["dims"]["d_head"] == 2 and doc["dims"]["seq_q"] == 3
-    steps = {s["hook"]: s for s in doc["steps"]}
+    steps = doc["hooks"]
     qk = np.array(steps["attn.hook_qk"]["values"])[0, 0]
     np.testing.assert_array_equal(qk, [[10, 58, 106], [58, 234, 410], [106, 410, 714]])
     assert steps["attn.hook_pattern"]["axes"] == ["batch", "n_heads", "seq_q", "seq_k"]
@@ -93,7 +93,7 @@ def test_json_twin_values(invoke):
 def test_json_marks_blocked_scores_as_strings(invoke):
     code, out = invoke("run", CONFIGS / "causal_gpt.yaml", "--format", "json")
     doc = json.loads(out)          # plain JSON: no bare -Infinity
-    masked = {s["hook"]: s for s in doc["steps"]}["attn.hook_attn_scores"]["values"]
+    masked = doc["hooks"]["attn.hook_attn_scores"]["values"]
     assert masked[0][0][0][1] == "-inf"
 
 
@@ -139,7 +139,7 @@ def test_big_matrices_are_elided(tmp_path, invoke):
     assert max(len(line) for line in out.splitlines()) <= 120       # pages fit the width
     # JSON carries a preview, not 2×300×300 values
     code, out = invoke("run", tmp_path / "big.yaml", "--format", "json")
-    pattern = {s["hook"]: s for s in json.loads(out)["steps"]}["attn.hook_pattern"]
+    pattern = json.loads(out)["hooks"]["attn.hook_pattern"]
     assert "values" not in pattern and pattern["preview"]["rows"] == [0, 1, 2, 3, 296, 297, 298, 299]
 
 

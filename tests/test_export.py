@@ -53,7 +53,7 @@ def test_json_holds_full_values(invoke, spec_path, tmp_path):
     target = tmp_path / "t.json"
     assert invoke("run", spec_path, "--export", target, "--format", "json")[0] == 0
     doc = json.loads(target.read_text(encoding="utf-8"))
-    qk = next(s for s in doc["steps"] if s["hook"] == "attn.hook_qk")
+    qk = doc["hooks"]["attn.hook_qk"]
     assert qk["values"] == [[QK]]
 
 

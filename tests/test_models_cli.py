@@ -30,7 +30,7 @@ def test_run_model_text(invoke, minilm_files):
     doc = json.loads(out)
     assert doc["tokens"] == ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "[SEP]"]
     assert doc["dtype"] == "float32"
-    hooks = [step["hook"] for step in doc["steps"]]
+    hooks = doc["steps"]
     assert hooks[:3] == ["hook_embed", "hook_pos_embed", "embed.ln.hook_normalized"]
     assert "blocks.5.ln2.hook_normalized" in hooks and len(hooks) == 111
     assert [d["severity"] for d in doc["diagnoses"]] == ["info"]        # the unused pooler: a note only

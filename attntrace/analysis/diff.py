@@ -79,6 +79,8 @@ def _load_json(path: Path) -> TraceData:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         steps = document["steps"]
+        if isinstance(document.get("hooks"), dict):       # format 2: hooks keyed by name, steps their order
+            steps = [dict(document["hooks"][hook], hook=hook) for hook in steps]
         arrays = {s["hook"]: _json_array(s["values"]) for s in steps if "values" in s}
         titles = {s["hook"]: f"{s['number']}/{len(steps)} '{s['title']}'" for s in steps}
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -50,9 +50,14 @@ def parse_steps(text, plan):
               "(default 12×12 numbers, 48×48 heatmap cells).")
 @click.option("--pool", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="A long sequence's overview: the block max or mean of each range of tokens.")
-@click.option("--heatmap/--values", default=None,
-              help="Score matrices as compact block heatmaps or as numbers (default: heatmaps when "
-                   "more than two heads or batch items are shown).")
+@click.option("--heatmap", "heatmap", flag_value=True, default=None,
+              help="Score matrices as compact block heatmaps (the default when more than two heads or batch "
+                   "items are shown, or the sequence is long).")
+@click.option("--values", "values", is_flag=False, flag_value="numbers", default=None,
+              type=click.Choice(["numbers", "none", "preview", "full"]),
+              help="--values alone: score matrices as numbers, not heatmaps. With --format json: none (no "
+                   "numbers), preview (every number of small hooks, a corner of big ones; the default) or full "
+                   "(every number of every hook).")
 @dtype_option
 @click.option("--strict", is_flag=True, help="Exit 1 when any invariant check warns.")
 @click.option("--check", "check_level", type=click.Choice(["default", "all"]), default="default", show_default=True,
@@ -75,7 +80,7 @@ def parse_steps(text, plan):
 @format_option
 @handles_errors
 def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, full, max_cells, pool, heatmap,
-        dtype, strict,
+        values, dtype, strict,
         check_level, inject, hook_texts, hook_file, exports, head_summary, step_mode, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
@@ -110,6 +115,9 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     if step_mode and fmt == "json":
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)
+    if values is not None:            # any --values shows numbers; --values full shows every one
+        heatmap, full = False, full or values == "full"
+    json_values = values if values in ("none", "full") else "preview"
     options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap,
                           layers=list(layers) if layers else None, full=full, max_cells=max_cells, pool=pool)
     stepper = None
@@ -121,7 +129,7 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
         from attntrace.render.stepper import StopStepping
         try:
             run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper,
-                               keep="all" if wants_data(targets) else
+                               keep="all" if wants_data(targets) or (fmt == "json" and json_values == "full") else
                                ["*attn.hook_pattern"] if wants_patterns(targets) else "auto")
             verdict = None
             if inject:                  # the bug's own shape error is part of its verdict, not a crash
@@ -176,7 +184,7 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
 
     if fmt == "json":
         from attntrace.render.json_view import trace_to_json
-        print_json(dict(trace_to_json(trace, exit_code), **expect_json))
+        print_json(dict(trace_to_json(trace, exit_code, values=json_values), **expect_json))
     else:
         render(console, stepped=step_mode)
     if targets:

@@ -57,7 +57,7 @@ def write_data(path: Path, trace, extra: Optional[dict] = None) -> None:
         return
     from attntrace.render.json_view import trace_to_json
     from attntrace.render.output import jsonable
-    document = dict(trace_to_json(trace, 0, values_limit=float("inf")), **(extra or {}))
+    document = dict(trace_to_json(trace, 0, values="full"), **(extra or {}))
     text = json.dumps(jsonable(document), ensure_ascii=False, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
