@@ -33,18 +33,20 @@ def load(spec: Union[Spec, str, Path, dict]) -> Spec:
     return resolve_model(load_spec(spec))
 
 
-def prepare(spec: Union[Spec, str, Path, dict]) -> Tuple[Spec, Plan, List[Diagnosis]]:
+def prepare(spec: Union[Spec, str, Path, dict], chunk: Optional[int] = None,
+            chunk_row: Optional[int] = None) -> Tuple[Spec, Plan, List[Diagnosis]]:
     """Load the spec, plan it and run the pre-flight shape diagnosis.
 
     Raises ShapeError (exit 3) with verified fixes attached; returns the warnings
     sizes alone cannot settle (and what loading a checkpoint noticed)."""
     spec = load(spec)
-    plan = plan_from_spec(spec)
+    sizes = plan_from_spec(spec, chunk=0)           # the diagnosis reads every step of plain attention
     try:
-        warnings = preflight(spec, plan)
+        warnings = preflight(spec, sizes)
     except ShapeError as error:
         attach_verified_fixes(spec, error.diagnoses)
         raise
+    plan = plan_from_spec(spec, chunk, chunk_row)
     return spec, plan, list(spec.notes) + warnings
 
 
@@ -60,7 +62,8 @@ def _check_level(check: Check) -> str:
 
 def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
         dtype: Optional[str] = None, overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
-        on_step: Optional[Callable] = None, spec_hooks: bool = True) -> Trace:
+        on_step: Optional[Callable] = None, spec_hooks: bool = True, chunk: Optional[int] = None,
+        chunk_row: Optional[int] = None) -> Trace:
     """Trace attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
 
     hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
@@ -71,9 +74,15 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     that re-run attention on perturbed inputs), False / "none".
     on_step: called as on_step(step, array, trace) after each step (`run --step`).
     overrides: step key -> replacement function (how bugs are injected).
+    chunk: compute attention by online softmax over blocks of this many keys (the weights are never
+    materialised; their stats and pooled overview are kept); chunk_row: the query row whose running
+    max, sum and output are traced (default the last).
     """
     level = _check_level(check)
-    spec, plan, warnings = prepare(spec)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise input_error("ATT-E003", f"chunk must be a whole number of keys ≥ 1, got {chunk!r}",
+                          hint="e.g. chunk=512: online softmax over blocks of 512 keys")
+    spec, plan, warnings = prepare(spec, chunk, chunk_row)
     dtype = dtype or default_dtype(spec)
     if spec_hooks and spec.hooks:
         hooks = hooks_from_spec(spec) + list(hooks)

@@ -20,13 +20,23 @@ from typing import Callable, Dict, Iterable, Optional, Set, Union
 
 import numpy as np
 
-from attntrace.core import masks, ops, positional
+from attntrace.core import chunked, masks, ops, positional
 from attntrace.core.hooks import HookSet
 from attntrace.core.plan import BlockPlan, Plan, Step
-from attntrace.core.stats import POOL_CELLS, PREVIEW_EDGE, array_stats, pool, preview, row_winners, scaled_stats
+from attntrace.core.stats import (
+    POOL_CELLS,
+    PREVIEW_EDGE,
+    Pooled,
+    Stats,
+    array_stats,
+    pool,
+    preview,
+    row_winners,
+    scaled_stats,
+)
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError
-from attntrace.hookpoints import match_hooks, point_of
+from attntrace.hookpoints import full_name, match_hooks, point_of
 from attntrace.inputs.spec import AttentionSpec, BlockSpec, Spec
 
 AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
@@ -45,6 +55,7 @@ class State:
         self.protected: Set[str] = set()                 # kept or hooked: never modified in place
         self.layer: Optional[int] = None
         self.block_output: Optional[np.ndarray] = None   # the previous block's last step
+        self.chunked = None                              # chunked attention's result, for its later steps
 
     # -- the block being run -------------------------------------------------
     def enter(self, layer: int) -> None:
@@ -254,6 +265,47 @@ def step_out(state: State) -> np.ndarray:
     return ops.linear(concat, state.cast(att.W_o.data), state.optional(att.b_o), att.layout)
 
 
+# --------------------------------------------------------------------------- chunked attention
+
+def step_block_max(state: State) -> np.ndarray:
+    """Online softmax over key blocks: z and the traced row's running state in one pass; then the
+    weights' stats block by block (their pooled overview, row sums, winners), never the weights."""
+    plan, block = state.plan, state.block
+    q, k = rotated_q_k(state)
+    b, sq, sk, h = plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"), plan.size("n_heads")
+    bias = chunked.alibi_bias(sq, sk, positional.alibi_slopes(h)) if plan.positional == "alibi" else None
+    result = chunked.chunked_attention(
+        q, k, state["v"], scale=block.scale, keep=chunked.mask_provider(state.attention.mask, b, sq, sk),
+        bias=bias, q_block=block.chunk, k_block=block.chunk, trace_rows=block.chunk_row, stats=True,
+        grid=POOL_CELLS)
+    state.chunked = result
+    return result.trace.running_max
+
+
+def step_block_sum(state: State) -> np.ndarray:
+    return state.chunked.trace.running_sum
+
+
+def step_block_out(state: State) -> np.ndarray:
+    return state.chunked.trace.partial_out
+
+
+def step_chunked_z(state: State) -> np.ndarray:
+    return state.chunked.z
+
+
+def chunked_summary(trace: Trace, step: Step, result) -> None:
+    """What a trace knows of weights it never held: their stats, pooled overview, row sums and winners,
+    filed under the pattern hook of the step's block."""
+    stats = result.stats
+    hook = full_name("attn.hook_pattern", step.layer if trace.plan.named_blocks else None)
+    shape = (trace.plan.size("batch"), trace.plan.size("n_heads"), trace.plan.size("seq_q"), trace.plan.size("seq_k"))
+    trace.stats[hook] = Stats(shape, str(result.z.dtype), float(stats.min), float(stats.max), float(stats.mean))
+    trace.pooled[hook] = Pooled(stats.pooled_max, stats.pooled_mean, stats.row_edges, stats.col_edges)
+    trace.row_sums[hook] = np.asarray(stats.row_sums, dtype=np.float64)
+    trace.winners[hook] = (stats.row_max, stats.row_argmax)
+
+
 # --------------------------------------------------------------------------- block steps
 
 def step_resid_pre(state: State) -> np.ndarray:
@@ -322,6 +374,7 @@ STEP_FUNCTIONS: Dict[str, StepFn] = {
     "q": step_q, "k": step_k, "v": step_v, "rot_q": step_rot_q, "rot_k": step_rot_k,
     "qk": step_qk, "scaled": step_scaled, "mask": step_mask, "attn_scores": step_attn_scores,
     "pattern": step_pattern, "z": step_z, "z_concat": step_z_concat, "out": step_out,
+    "block_max": step_block_max, "block_sum": step_block_sum, "block_out": step_block_out,
     "resid_mid": step_resid_mid, "ln2": step_ln2, "mlp_pre": step_mlp_pre, "mlp_post": step_mlp_post,
     "mlp_out": step_mlp_out, "resid_post": step_resid_post, "ln_final": step_ln_final,
 }
@@ -365,7 +418,10 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
     for step in plan.steps:
         if step.layer is not None and step.layer != state.layer:
             state.enter(step.layer)
-        array = functions[step.key](state)
+        function = step_chunked_z if step.key == "z" and state.block.chunk else functions[step.key]
+        array = function(state)
+        if step.key == "block_max":
+            chunked_summary(trace, step, state.chunked)
         array = hookset.fire(step.hook, array)
         state.store(step, array)
         keep_it = step.hook in hookset.hooked or (

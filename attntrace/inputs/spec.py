@@ -35,7 +35,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 PLAIN_MLP = ("W_in", "b_in", "W_out", "b_out")
 GATED_MLP = ("W_gate", "W_up", "W_down", "b_gate", "b_up", "b_down")
 ATTENTION_KEYS = ("heads", "kv_heads", "d_head", "W_q", "W_k", "W_v", "W_o",
-                  "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask")
+                  "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask", "chunk")
 MASK_KEYS = ("causal", "padding", "window", "prefix", "matrix", "convention")
 POSITIONAL_KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
 LAYOUTS = ("x_at_w", "linear")
@@ -104,6 +104,7 @@ class AttentionSpec:
     layout: str = "x_at_w"
     scale: Union[str, float] = "auto"    # "auto" (1/sqrt(d_head)) | "none" | a multiplier
     mask: MaskSpec = field(default_factory=MaskSpec)
+    chunk: Optional[int] = None          # online softmax over key blocks of this many keys (never the full pattern)
     locations: Dict[str, Location] = field(default_factory=dict)   # for heads, scale, layout ...
 
 
@@ -505,7 +506,10 @@ class _Reader:
         optional = {key: self.optional_array(block, key, path) for key in ("W_o", "b_q", "b_k", "b_v", "b_o")}
         locations = {key: self.locate(path + [key]) for key in block}
         locations.setdefault("attention", self.locate(path))
-        return AttentionSpec(heads=heads, kv_heads=kv_heads, d_head=d_head, layout=layout,
+        chunk = block.get("chunk")
+        if chunk is not None:
+            chunk = self.whole(chunk, path + ["chunk"], "attention.chunk")
+        return AttentionSpec(heads=heads, kv_heads=kv_heads, d_head=d_head, layout=layout, chunk=chunk,
                              scale=self.scale(block.get("scale", "auto"), path + ["scale"]),
                              mask=self.mask(block["mask"], path + ["mask"]) if block.get("mask") is not None
                              else self.mask(default_mask, mask_path or path + ["mask"]),
