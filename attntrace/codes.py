@@ -2,8 +2,10 @@
 
 Every :class:`~attntrace.errors.Diagnosis` checks its code against this table,
 and a test checks that every code the sources raise is here and in the README's
-table of codes.  Ranges: E0xx input, E1xx shape, E3xx model checkpoints, E4xx
-memory and long context, W2xx invariants and layout hints, W3xx model notes.
+table of codes.  Letters: E an error, W a warning (exit 1 under --strict),
+I information.  Ranges: 0xx input, 1xx shape, 2xx invariants and layout hints,
+3xx model checkpoints and captures, 4xx head scores and chunked attention,
+5xx the HTML explorer.
 
 Exit codes: 0 ok · 1 a check or expectation failed · 2 bad input · 3 diagnosed shape error.
 """
@@ -27,6 +29,10 @@ def _shape(meaning: str) -> Code:
 
 def _failed(meaning: str) -> Code:
     return Code(meaning, 1)
+
+
+def _note(meaning: str) -> Code:
+    return Code(meaning, 0)          # information: never a failure, not even under --strict
 
 
 CODES: Dict[str, Code] = {
@@ -72,6 +78,7 @@ CODES: Dict[str, Code] = {
     "ATT-E067": _failed("a hand calculation diverges from the trace"),
     "ATT-E068": _input("--step cannot be combined with --format json"),
     "ATT-E080": _input("the forward trace lacks an array the backward pass needs"),
+    "ATT-E081": _input("gradients of transformer blocks are not computed (one attention layer only)"),
     # ---- shape errors found before numpy runs (exit 3)
     "ATT-E101": _shape("a matrix product contracts axes of different sizes"),
     "ATT-E102": _shape("the number of tokens differs from the number of embedding rows"),
@@ -121,8 +128,8 @@ CODES: Dict[str, Code] = {
     "ATT-E337": _input("token ids are invalid (outside the vocabulary, or a bad mask)"),
     "ATT-E338": _input("text is invalid (empty, not a string, or no tokens)"),
     "ATT-E339": _input("the text is longer than the model's learned position table"),
-    "ATT-W300": _failed("checkpoint: BERT's pooler is present but unused"),
-    "ATT-W301": _failed("checkpoint: BERT's pre-training heads are present but unused"),
+    "ATT-I300": _note("checkpoint: BERT's pooler is present but unused"),
+    "ATT-I301": _note("checkpoint: BERT's pre-training heads are present but unused"),
     "ATT-W302": _failed("checkpoint: an untied model without lm_head (no unembedding)"),
     "ATT-W303": _failed("the pad id was chosen because the tokenizer defines none"),
     # ---- captures from PyTorch (models/capture.py, analysis/capture.py)

@@ -41,8 +41,8 @@ def check(spec, show_all, rtol, atol, dtype, width, fmt):
     if spec.suffix.lower() == ".safetensors":
         _check_capture(spec, rtol, atol, width, fmt)
     from attntrace.analysis.expect import check_expectations
+    from attntrace.analysis.run import load as load_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
-    from attntrace.inputs.spec import load_spec
     from attntrace.render.output import make_console, print_json
     loaded = load_spec(spec)
     if not loaded.expect:

@@ -33,8 +33,8 @@ def hooks(spec, width, fmt):
     plan = None
     if spec is not None:
         from attntrace.analysis.diagnose import preflight
+        from attntrace.analysis.run import load as load_spec
         from attntrace.core.plan import plan_from_spec
-        from attntrace.inputs.spec import load_spec
         loaded = load_spec(spec)
         plan = plan_from_spec(loaded)
         preflight(loaded, plan)

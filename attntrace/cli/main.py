@@ -28,6 +28,8 @@ COMMANDS = {
     "check": ("attntrace.cli.check", "check", "Check a hand calculation (`expect:` in a spec)."),
     "diff": ("attntrace.cli.diff", "diff", "Show where two traces first diverge."),
     "grad": ("attntrace.cli.grad", "grad", "Run and verify the backward pass of attention."),
+    "import-model": ("attntrace.cli.import_model", "import_model",
+                     "Write a real checkpoint on some text as an editable spec."),
 }
 
 

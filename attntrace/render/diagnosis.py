@@ -11,8 +11,7 @@ from rich.text import Text
 
 
 def diagnosis_panel(d) -> Panel:
-    error = d.severity == "error"
-    colour = "red" if error else "yellow"
+    colour = {"error": "red", "warning": "yellow"}.get(d.severity, "blue")
     # the headline: `ATT-E101 shape mismatch in step 4/10 'scores = Q·Kᵀ': ...`
     head, _, rest = d.message.partition(": ")
     if not (d.step and rest and d.step in head):
@@ -63,10 +62,16 @@ def diagnosis_panel(d) -> Panel:
         parts.append(Text.assemble(("fix  ", "green bold"), fix))
     if d.hint:
         parts.append(Text.assemble(("hint ", "cyan bold"), d.hint))
-    title = "error" if error else "warning"
+    title = d.severity if d.severity in ("error", "warning") else "note"
     if d.hook:
         title += f" · {d.hook}"
     return Panel(Group(*parts), title=title, title_align="left", border_style=colour, expand=False)
+
+
+def note_line(d) -> Text:
+    """An information note (ATT-Ixxx) on one line: what and, briefly, which."""
+    which = f" ({', '.join(d.details[:3])}{' …' if len(d.details) > 3 else ''})" if d.details else ""
+    return Text.assemble(("note ", "blue bold"), (d.code + " ", "blue"), (d.message + which, "dim"))
 
 
 def render_diagnoses(console, diagnoses) -> None:

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from attntrace.core.stats import edge_indices
 from attntrace.hookpoints import point_of, split_name
-from attntrace.render.diagnosis import diagnosis_panel
+from attntrace.render.diagnosis import diagnosis_panel, note_line
 from attntrace.render.matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
 
 SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
@@ -21,6 +21,7 @@ SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "att
 @dataclass
 class ViewOptions:
     steps: Optional[Sequence[str]] = None    # hook names to show; None = all
+    layers: Optional[Sequence[int]] = None   # blocks to show; None = all (the embeddings are always shown)
     heads: Optional[Sequence[int]] = None    # head indices to show; None = all
     batch: Optional[int] = None              # batch item; None = all when few
     precision: int = 4
@@ -202,8 +203,11 @@ def header_renderable(trace) -> Panel:
 def render_trace(console, trace, options: ViewOptions) -> None:
     console.print(header_renderable(trace))
     shown = set(options.steps) if options.steps is not None else None
+    layers = options.layers if options.layers is not None else trace.spec.shown_layers
     for step in trace.plan.steps:
         if shown is not None and step.hook not in shown:
+            continue
+        if layers is not None and step.layer is not None and trace.plan.named_blocks and step.layer not in layers:
             continue
         console.print(Rule(style="dim"))
         console.print(step_renderable(trace, step, options, console.width))
@@ -217,6 +221,9 @@ def render_checks(console, trace) -> None:
     for line in trace.checks_passed:
         console.print(Text.assemble(("✓ ", "green bold"), line))
     for d in trace.diagnoses:
-        console.print(diagnosis_panel(d))
-    if not trace.diagnoses:
+        if d.severity == "info":          # a note: one quiet line, not a panel
+            console.print(note_line(d))
+        else:
+            console.print(diagnosis_panel(d))
+    if not any(d.severity != "info" for d in trace.diagnoses):
         console.print(Text("no warnings", style="green"))
