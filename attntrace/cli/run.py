@@ -23,6 +23,8 @@ def parse_steps(text, plan):
     """`--steps qk,pattern,7` -> hook names (aliases, hook names, or step numbers)."""
     from attntrace.errors import input_error
     from attntrace.hookpoints import match_hooks
+    if text.strip() == "all":
+        return None
     hooks = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if item.isdigit():
@@ -40,7 +42,8 @@ def parse_steps(text, plan):
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @model_options
 @click.option("--steps", metavar="LIST", help="Steps to show: hook names, aliases (Q, scores, weights, "
-              "output ...), patterns (attn.hook_*) or step numbers, comma-separated.")
+              "output ...), patterns (attn.hook_*) or step numbers, comma-separated; or all (a model shows its "
+              "weights and output unless asked).")
 @head_option()
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
 @precision_option(4)
@@ -157,6 +160,11 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     if verdict is not None:
         expect_json["injected"] = verdict.to_json()
     options.steps = parse_steps(steps, trace.plan) if steps else None
+    if steps is None and loaded.model is not None:     # a real model: its weights layer by layer, not 100+ steps
+        options.steps = [s.hook for s in trace.plan.steps if s.key in ("pattern", "block_max")] + \
+            [trace.plan.steps[-1].hook]
+        options.notes.append("a model's trace shows every layer's weights and its output; --steps all shows "
+                             "every step (--steps LIST some)")
 
     from attntrace.analysis.actions import hook_summary
     hooks_note = hook_summary(loaded, extra_hooks)

@@ -16,6 +16,7 @@ block after block; a block's arrays are dropped when the next block starts
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Iterable, Optional, Set, Union
 
 import numpy as np
@@ -40,6 +41,10 @@ from attntrace.hookpoints import full_name, match_hooks, point_of
 from attntrace.inputs.spec import AttentionSpec, BlockSpec, Spec
 
 AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
+# Below this many flops in its largest step, a run uses one BLAS thread: waking OpenBLAS's other
+# threads for an (8 × 384)·(384 × 1536) product costs more than the product (measured here: 1 ms
+# with one thread, 8 ms with two on a busy machine); big products still get every core.
+ONE_THREAD_FLOPS = 2e8
 
 
 class State:
@@ -409,6 +414,22 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
     after_step(step, array, state, trace): called after each step with the live array,
     before an in-place step may reuse its buffer (checks, the stepper).
     """
+    with _blas_threads(plan):
+        return _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace)
+
+
+def _blas_threads(plan: Plan):
+    """One BLAS thread for small runs (see ONE_THREAD_FLOPS); threadpoolctl, when installed, sets it."""
+    if max((plan.flops(step) for step in plan.steps), default=0) >= ONE_THREAD_FLOPS:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:          # an optional speed-up: without it the run is the same, only slower
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> Trace:
     np_dtype = np.dtype(dtype)
     state = State(spec, plan, np_dtype)
     wanted = keep_set(keep, plan)

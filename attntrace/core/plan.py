@@ -429,4 +429,5 @@ def block_plan(block, d_head: int, chunk: Optional[int] = None, chunk_row: Optio
                      ln1=block.ln1.kind if block.ln1 else None, ln2=block.ln2.kind if block.ln2 else None,
                      mlp=None if mlp is None else ("gated" if mlp.gated else "plain"),
                      activation=mlp.activation if mlp else "gelu", residual=block.residual,
-                     chunk=None if chunk == 0 else (chunk or att.chunk), chunk_row=-1 if chunk_row is None else chunk_row)
+                     chunk=None if chunk == 0 else (chunk or att.chunk),
+                     chunk_row=-1 if chunk_row is None else chunk_row)

@@ -41,7 +41,7 @@ DEFAULT_DTYPE = "float32"       # models compute in float32 unless asked (as the
 
 def resolve(spec: Spec) -> Spec:
     """The spec with its `model:` turned into embeddings and blocks (a spec without `model:` is returned as is)."""
-    if spec.model is None:
+    if spec.model is None or spec.model_blocks:     # no model, or resolved already
         return spec
     ref = spec.model
     loaded = load_model(ref.source, dtype=ref.dtype or DEFAULT_DTYPE)
