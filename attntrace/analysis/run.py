@@ -16,7 +16,8 @@ from attntrace.analysis import checks as checks_mod
 from attntrace.analysis.actions import hooks_from_spec
 from attntrace.analysis.diagnose import preflight
 from attntrace.analysis.fixes import attach_verified_fixes
-from attntrace.core.engine import Keep, State, StepFn, execute
+from attntrace.core import memory
+from attntrace.core.engine import Keep, State, StepFn, execute, keep_set
 from attntrace.core.hooks import HookFn, HookSet
 from attntrace.core.plan import Plan, Step, plan_from_spec
 from attntrace.core.trace import Trace
@@ -63,7 +64,7 @@ def _check_level(check: Check) -> str:
 def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
         dtype: Optional[str] = None, overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
         on_step: Optional[Callable] = None, spec_hooks: bool = True, chunk: Optional[int] = None,
-        chunk_row: Optional[int] = None) -> Trace:
+        chunk_row: Optional[int] = None, force: bool = False) -> Trace:
     """Trace attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
 
     hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
@@ -77,6 +78,7 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     chunk: compute attention by online softmax over blocks of this many keys (the weights are never
     materialised; their stats and pooled overview are kept); chunk_row: the query row whose running
     max, sum and output are traced (default the last).
+    force: run even when the memory estimate exceeds what is available (ATT-E020 otherwise).
     """
     level = _check_level(check)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -84,6 +86,8 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
                           hint="e.g. chunk=512: online softmax over blocks of 512 keys")
     spec, plan, warnings = prepare(spec, chunk, chunk_row)
     dtype = dtype or default_dtype(spec)
+    if not force:
+        check_memory(spec, plan, dtype, keep_set(keep, plan), chunk_row)
     if spec_hooks and spec.hooks:
         hooks = hooks_from_spec(spec) + list(hooks)
     hookset = HookSet(hooks, plan.hooks)
@@ -102,6 +106,20 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
         trace.diagnoses.extend(found)
         trace.checks_passed.extend(passed)
     return trace
+
+
+def check_memory(spec: Spec, plan: Plan, dtype: str, kept, chunk_row: Optional[int] = None) -> None:
+    """Refuse, before anything is allocated, a run whose estimated peak exceeds the free memory."""
+    guess = memory.estimate(spec, plan, dtype, kept)
+    free = memory.available_bytes()
+    if free is None or guess.peak * memory.SAFETY <= free:
+        return
+    options = memory.advice(spec, lambda chunk: plan_from_spec(spec, chunk, chunk_row) if chunk else plan,
+                            dtype, kept, free)
+    raise input_error("ATT-E020", f"this run needs about {memory.human(guess.peak)} (inputs "
+                                  f"{memory.human(guess.inputs)}, kept arrays {memory.human(guess.retained)}, working "
+                                  f"buffers {memory.human(guess.working)}, {dtype}); {memory.human(free)} is available",
+                      hint="what fits: " + "; ".join(options))
 
 
 def default_dtype(spec: Spec) -> str:

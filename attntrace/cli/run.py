@@ -76,6 +76,11 @@ def parse_steps(text, plan):
 @click.option("--export", "exports", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="Also write the trace to FILE (repeatable): .html the offline explorer, .svg .txt rendered, "
                    ".json .npz data.")
+@click.option("--chunk", type=click.IntRange(min=1), help="Attention by online softmax over blocks of N keys "
+              "(FlashAttention): long sequences without the (seq × seq) weights; their running max, sum and "
+              "output are traced for one query row.")
+@click.option("--chunk-row", type=int, help="With --chunk: the query row traced block by block (default: the last).")
+@click.option("--force", is_flag=True, help="Run even when the memory estimate exceeds the free memory.")
 @click.option("--head-summary", is_flag=True, help="Under the trace, score and rank every head "
               "(as `attntrace heads`).")
 @click.option("--step", "step_mode", is_flag=True,
@@ -84,7 +89,7 @@ def parse_steps(text, plan):
 @handles_errors
 def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, full, max_cells, pool, heatmap,
         values, dtype, strict,
-        check_level, inject, hook_texts, hook_file, exports, head_summary, step_mode, fmt):
+        check_level, inject, hook_texts, hook_file, exports, chunk, chunk_row, force, head_summary, step_mode, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
     Without SPEC, runs the built-in example: seed 000's four tokens "猫 抓 了 老鼠".
@@ -131,7 +136,8 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext():
         from attntrace.render.stepper import StopStepping
         try:
-            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper,
+            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper, chunk=chunk, chunk_row=chunk_row,
+                               force=force,
                                keep="all" if wants_data(targets) or (fmt == "json" and json_values == "full") else
                                ["*attn.hook_pattern"] if wants_patterns(targets) else "auto")
             verdict = None

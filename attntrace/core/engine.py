@@ -23,6 +23,7 @@ import numpy as np
 
 from attntrace.core import chunked, masks, ops, positional
 from attntrace.core.hooks import HookSet
+from attntrace.core.memory import AUTO_KEEP_ELEMENTS
 from attntrace.core.plan import BlockPlan, Plan, Step
 from attntrace.core.stats import (
     POOL_CELLS,
@@ -40,7 +41,6 @@ from attntrace.errors import Diagnosis, ShapeError
 from attntrace.hookpoints import full_name, match_hooks, point_of
 from attntrace.inputs.spec import AttentionSpec, BlockSpec, Spec
 
-AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
 # Below this many flops in its largest step, a run uses one BLAS thread: waking OpenBLAS's other
 # threads for an (8 × 384)·(384 × 1536) product costs more than the product (measured here: 1 ms
 # with one thread, 8 ms with two on a busy machine); big products still get every core.
@@ -453,7 +453,7 @@ def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> 
         else:
             point = point_of(step.hook)
             trace.previews[step.hook] = preview(array, point.rows, point.cols, PREVIEW_EDGE)
-            if point.axes[-2:] == ("seq_q", "seq_k") and array.shape[-1] > POOL_CELLS:
+            if step.key == "pattern" and array.shape[-1] > POOL_CELLS:
                 trace.pooled[step.hook] = pool(array)       # what a long sequence's overview draws
         trace.stats[step.hook] = _step_stats(step, array, state, trace,
                                              standard=step.key not in (overrides or {}) and

@@ -159,12 +159,15 @@ def grid_edges(n: int, cells: int) -> np.ndarray:
 
 
 def pool(array: np.ndarray, cells: int = POOL_CELLS) -> Pooled:
-    """Block max and mean over the last two axes, in one pass per reduction (reduceat)."""
+    """Block max and mean over the last two axes (finite values; weights are), a band of rows at a
+    time: the temporaries stay one band of the array, not its size."""
     rows, cols = grid_edges(array.shape[-2], cells), grid_edges(array.shape[-1], cells)
-    values = np.where(np.isfinite(array), array, 0.0) if not np.isfinite(array).all() else array
-    by_rows_max = np.maximum.reduceat(array, rows[:-1], axis=-2)
-    block_max = np.maximum.reduceat(by_rows_max, cols[:-1], axis=-1)
-    by_rows_sum = np.add.reduceat(values, rows[:-1], axis=-2, dtype=np.float64)
-    block_sum = np.add.reduceat(by_rows_sum, cols[:-1], axis=-1)
+    lead = array.shape[:-2]
+    block_max = np.empty(lead + (len(rows) - 1, len(cols) - 1), dtype=array.dtype)
+    block_sum = np.empty(block_max.shape, dtype=np.float64)
+    for r in range(len(rows) - 1):
+        band = array[..., rows[r]:rows[r + 1], :]
+        block_max[..., r, :] = np.maximum.reduceat(band.max(axis=-2), cols[:-1], axis=-1)
+        block_sum[..., r, :] = np.add.reduceat(band.sum(axis=-2, dtype=np.float64), cols[:-1], axis=-1)
     sizes = np.diff(rows)[:, None] * np.diff(cols)[None, :]
     return Pooled(block_max, block_sum / sizes, rows, cols)

@@ -90,7 +90,8 @@ def _matrices(trace, hook: str, options: ViewOptions, compact: bool = False):
     if full is not None:
         n_rows, n_cols = full.shape[row_axis], full.shape[col_axis]
         side = _side(options, compact)
-        if compact and not options.full and max(n_rows, n_cols) > side and (row_axis, col_axis) == (2, 3):
+        if compact and not options.full and max(n_rows, n_cols) > side and (row_axis, col_axis) == (2, 3) \
+                and np.isfinite(full).all():
             pooled = pool(full, side)
         edge = side // 2 if options.max_cells else options.edge
         rows = _shown(n_rows, side, options.full, edge)
