@@ -170,8 +170,11 @@ def assert_document(document, exit_code: int, kind: str, label: str) -> None:
     if "exit_code" in document:
         assert document["exit_code"] == exit_code, f"{label}: the document says exit {document['exit_code']}, " \
                                                    f"the process exited {exit_code}"
-    else:
+    else:           # `attntrace hooks` is the one command whose document has no exit_code (yet)
         assert exit_code == 0 and kind == "hooks", f"{label}: no exit_code in a {kind} document (exit {exit_code})"
+    if kind == "error":             # the registry says which exit code each code stops a command with
+        from attntrace.codes import CODES
+        assert CODES[document["diagnoses"][0]["code"]].exit_code == exit_code, label
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +258,18 @@ def test_nested_reports_are_present(files):
     assert "injected" in case_document("error-inject-shape", files)[1]
     assert case_document("mask-window-elided", files)[1].get("elided") is True
     assert case_document("positions-big-table", files)[1]["table"] is None
+
+
+def test_an_internal_error_prints_the_error_document(monkeypatch):
+    """Exit 70 with ATT-E999 (a bug in attntrace), simulated by breaking the spec loader."""
+    import attntrace.analysis.run as run_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+    monkeypatch.setattr(run_module, "load", broken)
+    code, document = cli_json(["run", ABC])
+    assert code == 70 and document["diagnoses"][0]["code"] == "ATT-E999"
+    assert_document(document, code, "error", "internal error")
 
 
 def test_every_registered_code_fits_the_schema():
@@ -416,6 +431,9 @@ MUTATIONS = [
     ("error-shape", _set(0, _first_diagnosis, "locations", 0, "line"), "a line number 0 (lines are 1-based)"),
     ("error-shape", _set(0, "exit_code"), "an error document with exit 0"),
     ("error-shape", _set(1, "exit_code"), "an error document with exit 1"),
+    ("error-shape", _set(2, "exit_code"), "a shape error (ATT-E101) reported as bad input, exit 2"),
+    ("error-missing-spec", _set(3, "exit_code"), "bad input (ATT-E007) reported as a shape error, exit 3"),
+    ("error-missing-spec", _set(70, "exit_code"), "an internal error without ATT-E999"),
     ("error-shape", _set([], "diagnoses"), "an error document with no diagnosis"),
     ("error-missing-spec", _set(VERDICT, "injected"),
      "a bug verdict on a bad-input error (only a bug's own shape error, exit 3, has one)"),
