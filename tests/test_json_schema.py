@@ -1,7 +1,7 @@
 """Every command's `--format json` document validates against attntrace/schema/output.schema.json.
 
 Each case runs the CLI in-process on a representative input -- configs/ specs (one attention,
-a blocks spec, masks, RoPE, cross-attention, GQA, expect:), a 80-token spec whose hooks are
+a blocks spec, masks, RoPE, cross-attention, GQA, expect:), an 80-token spec whose hooks are
 previewed, bad inputs and usage errors for the error document, a capture written with torch
 via attntrace.capture, and the MiniLM model -- and checks that the document
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -240,15 +241,8 @@ def test_values_modes_exercise_both_hook_forms(files):
     assert all("values" not in h and "preview" not in h for h in hooks["run-blocks-values-none"].values())
     assert all("values" in h for h in hooks["run-blocks-values-full"].values())
     previewed = {name for name, h in hooks["run-long-preview"].items() if "preview" in h}
-    big = {name for name, h in hooks["run-long-preview"].items() if _size(h["shape"]) > VALUES_LIMIT}
+    big = {name for name, h in hooks["run-long-preview"].items() if math.prod(h["shape"]) > VALUES_LIMIT}
     assert previewed == big and big, "the long spec should preview exactly its hooks over 4,096 values"
-
-
-def _size(shape) -> int:
-    size = 1
-    for s in shape:
-        size *= s
-    return size
 
 
 def test_nested_reports_are_present(files):
