@@ -168,11 +168,8 @@ def assert_document(document, exit_code: int, kind: str, label: str) -> None:
                     f"{schema_errors(document, KIND_VALIDATORS[kind])}")
     matching = [k for k in KINDS if KIND_VALIDATORS[k].is_valid(document)]
     assert matching == [kind], f"{label}: expected a {kind} document, it matches {matching}"
-    if "exit_code" in document:
-        assert document["exit_code"] == exit_code, f"{label}: the document says exit {document['exit_code']}, " \
-                                                   f"the process exited {exit_code}"
-    else:           # `attntrace hooks` is the one command whose document has no exit_code (yet)
-        assert exit_code == 0 and kind == "hooks", f"{label}: no exit_code in a {kind} document (exit {exit_code})"
+    assert document["exit_code"] == exit_code, f"{label}: the document says exit {document['exit_code']}, " \
+                                               f"the process exited {exit_code}"
     if kind == "error":             # the registry says which exit code each code stops a command with
         from attntrace.codes import CODES
         assert CODES[document["diagnoses"][0]["code"]].exit_code == exit_code, label
@@ -447,7 +444,7 @@ MUTATIONS = [
     ("positions-learned", _drop("source"), "a learned table without its source"),
     ("hooks-spec", _drop("hooks", 0, "step"), "a hook in the run without its step"),
     ("hooks", _set(True, "hooks", 0, "in_run"), "in_run without a spec"),
-    ("hooks", _set(0, "exit_code"), "hooks with an exit code"),
+    ("hooks", _set(1, "exit_code"), "hooks with a failing exit code"),
     ("check-expect-ok", _set(1, "exit_code"), "ok with exit 1"),
     ("check-expect-fails", _set(True, "ok"), "ok with a diagnosis"),
     ("check-expect-fails", _set({"atol": -1}, "expectations", 0, "tolerance"), "a negative tolerance"),

@@ -53,7 +53,8 @@ def hooks(spec, width, fmt):
         rows.append(row)
     actions = [{"action": a.name, "argument": a.argument, "what": a.what} for a in ACTIONS.values()]
     if fmt == "json":
-        print_json({"attntrace": 1, "spec": str(spec) if spec else None, "hooks": rows, "actions": actions,
+        print_json({"attntrace": 1, "exit_code": 0, "spec": str(spec) if spec else None, "hooks": rows,
+                    "actions": actions,
                     "action_aliases": ACTION_ALIASES})
         return
     from attntrace.render.hooks_view import render_hooks

@@ -203,7 +203,7 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
         render(console, stepped=step_mode)
     if targets:
         from attntrace.render.export import export_all
-        written = export_all(targets, trace, render, extra=expect_json, width=width)
+        written = export_all(targets, trace, render, extra=dict(expect_json, exit_code=exit_code), width=width)
         if fmt != "json":
             console.print(f"exported: {', '.join(str(p) for p in written)}")
     raise SystemExit(exit_code)
