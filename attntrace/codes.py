@@ -202,7 +202,7 @@ CODES: Dict[str, Code] = {
     "ATT-W247": _failed("the trace differs from an independent recomputation beyond its dtype's rounding "
                         "(--check all)"),
     "ATT-W248": _failed("masked scores hold a finite value (a large negative number) instead of −inf"),
-    "ATT-I240": _note("padding query rows attend to no key, by design (left padding under a causal mask)"),
+    "ATT-I240": _note("padding query rows attend to no key, by design (e.g. left padding under a causal mask)"),
 }
 
 

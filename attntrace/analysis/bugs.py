@@ -340,12 +340,13 @@ def _rope_pairing_mismatch(notes: Notes) -> Dict[str, StepFn]:
 
 def _half_angles(precision: str = "float16", tables: str = "float16"):
     """gpt-neox#1003's cos/sin cache: inv_freq and the positions in `precision`, their product
-    rounded to it, cos and sin of the rounded angle rounded to `tables`."""
+    rounded to it, cos and sin of the rounded angle (computed in float32, as torch computes half
+    precision math) rounded to `tables`."""
     def cos_sin(positions, d_head: int, base: float):
         inv_freq = ops.round_to(1.0 / base ** (np.arange(0, d_head, 2) / d_head), precision)
         t = ops.round_to(np.asarray(positions, dtype=np.float64), precision)
-        angles = ops.round_to(t[..., None] * inv_freq, precision)
-        return ops.round_to(np.cos(angles), tables), ops.round_to(np.sin(angles), tables)
+        angles = ops.round_to(t[..., None] * inv_freq, precision).astype(np.float32)
+        return ops.round_to(np.cos(angles), tables), ops.round_to(np.sin(angles), tables)   # as torch: in float32
     return cos_sin
 
 
@@ -761,7 +762,7 @@ CATALOGUE: Dict[str, Bug] = {bug.name: _with_textbook_texts(bug) for bug in (
                     "an angle off by 0.7 rad is a different rotation",
         fixed=_rope_float32_angles, fixed_precision="float16"),
     Bug("left-padding-positions", "with left padding, positions counted from the pads instead of from each "
-        "sequence's first real token", ("pos", "rot_q", "rot_k"), ("ATT-W241",),
+        "sequence's first real token", ("pos", "rot_q", "rot_k"), ("ATT-W241", "ATT-W247"),
         "left padding and absolute positions (learned, sinusoidal) or RoPE", _left_padding_positions,
         _needs_left_padding,
         fix="position_ids = attention_mask.cumsum(-1) - 1 (pads: any position), passed to the model, as "
@@ -780,7 +781,7 @@ CATALOGUE: Dict[str, Bug] = {bug.name: _with_textbook_texts(bug) for bug in (
                     "token of a decoding step sees only the first cached key"),
     Bug("weak-mask-value", "-1e9 used as minus infinity (scores + mask · -1e9): a fully masked row attends "
         "uniformly to what it must not see, and in float16 -1e9 overflows to -inf (NaN rows)",
-        ("attn_scores", "pattern"), ("ATT-W248", "ATT-W202", "ATT-W204"),
+        ("attn_scores", "pattern"), ("ATT-W248", "ATT-W202", "ATT-W204", "ATT-W247"),
         "a mask that blocks something (the weights change where a query row is fully masked)", _weak_mask_value,
         _needs_weak_value_to_differ,
         fix="scores.masked_fill(~keep, float('-inf')) and a softmax that gives fully masked rows 0 "
@@ -789,7 +790,7 @@ CATALOGUE: Dict[str, Bug] = {bug.name: _with_textbook_texts(bug) for bug in (
         explanation="-1e9 is computed in the model's dtype: finite in float32 (the row keeps weight), -inf in "
                     "float16 (softmax of an all -inf row is NaN); -1e4 is not even small enough for large scores"),
     Bug("nan-leak-through-mask", "NaN in a masked (padded) position still reaches the output: NaN + -inf = NaN "
-        "in the scores, 0 × NaN = NaN in weights·V", ("k", "v", "attn_scores"), ("ATT-W246", "ATT-W204"),
+        "in the scores, 0 × NaN = NaN in weights·V", ("k", "v", "attn_scores"), ("ATT-W246", "ATT-W204", "ATT-W247"),
         "a padding mask with a padded key", _nan_leak_through_mask, _needs_padding,
         fix="mask with masked_fill / torch.where (replacing the score) instead of adding -inf, and zero the "
             "values of masked keys: torch.where(key_keep[..., None], v, 0)",
@@ -894,7 +895,7 @@ class Verdict:
         if check is None:
             return self.bug.fix
         if check["verified"]:
-            size = f"to {check['difference']:.1e}" if check["difference"] else "exactly"
+            size = f"to {check['difference']:.1e}, {check['precision']} rounding" if check["difference"] else "exactly"
             return f"{self.bug.fix} (verified: re-run with the fix, {check['hook']} equals the clean run's {size})"
         return f"{self.bug.fix} (NOT verified: re-run with the fix, {check['hook']} still differs by " \
                f"{check['difference']:.2g})"
@@ -954,8 +955,9 @@ def check_fix(spec, bug: Bug, clean, dtype: str) -> Dict:
     if reference is None:
         reference = rerun(spec, keep=[final], dtype=dtype)[final]
     _, relative, _ = difference(fixed, reference)
-    allowed = dict(ROUNDING_BANDS)[bug.fixed_precision or np.dtype(dtype).name]
-    return {"verified": bool(relative <= allowed), "difference": relative, "hook": final}
+    precision = bug.fixed_precision or np.dtype(dtype).name
+    return {"verified": bool(relative <= dict(ROUNDING_BANDS)[precision]), "difference": relative, "hook": final,
+            "precision": precision}
 
 
 def _output_changed(clean, trace) -> bool:

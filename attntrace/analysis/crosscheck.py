@@ -24,7 +24,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from attntrace.analysis.field_checks import expected_positions, paper_slopes, rope_reference
+from attntrace.analysis.field_checks import (
+    expected_positions,
+    paper_slopes,
+    position_table,
+    rope_reference,
+    token_type_rows,
+)
 from attntrace.core.masks import from_matrix
 from attntrace.errors import Diagnosis
 
@@ -164,6 +170,15 @@ def difference(traced: np.ndarray, reference: np.ndarray) -> Tuple[float, float,
     return largest, largest / max(magnitude, 1e-300), tuple(int(i) for i in where)
 
 
+def recompute_positions(spec, plan, embed: np.ndarray) -> np.ndarray:
+    """X + PE[position] (+ token types) from the trace's embeddings, positions counted from each
+    item's first real token (pads before it: 0; cross-attention: from 0)."""
+    seq = embed.shape[1]
+    positions = np.arange(seq)[None] if spec.is_cross else np.maximum(expected_positions(spec, plan, None)[0], 0)
+    table = position_table(spec, seq, embed.shape[2])
+    return np.asarray(embed, dtype=np.float64) + token_type_rows(spec) + table[positions]
+
+
 def _block_input(plan, arrays: Dict[str, np.ndarray], layer: Optional[int]) -> Tuple[str, str]:
     """The hooks holding block `layer`'s attention input X and its keys' input (as State.x / x_kv)."""
     keys = {s.key: s.hook for s in plan.steps if s.layer == layer}
@@ -196,6 +211,16 @@ def crosscheck(spec, trace, rerun) -> Optional[List[Diagnosis]]:
     run_band = _band_index(trace.dtype)
     found: List[Diagnosis] = []
     worst: Tuple[float, str] = (0.0, "")
+    if any(s.key == "pos" for s in plan.steps):
+        embed, pos = plan.step("embed").hook, plan.step("pos").hook
+        more = [h for h in (embed, pos) if h not in arrays]
+        if more:
+            arrays.update(rerun(spec, keep=more))
+        reference = {"pos": recompute_positions(spec, plan, arrays[embed])}
+        diverged = _first_divergence(plan, None, arrays, reference, run_band)
+        if diverged is not None:
+            return [diverged]
+        worst = (difference(arrays[pos], reference["pos"])[1], pos)
     for layer in _layers(plan):
         x_hook, kv_hook = _block_input(plan, arrays, layer)
         reference = recompute_attention(spec, plan, layer, np.asarray(arrays[x_hook], dtype=np.float64),

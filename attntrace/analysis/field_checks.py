@@ -22,7 +22,8 @@ engine's code, or reads an invariant off the arrays:
 * z: NaN in a row whose weights are finite came from V at a key with weight 0 --
   0 × NaN (ATT-W246);
 * rows with no visible key whose query is itself padding (left padding under a
-  causal mask) are information, said once (ATT-I240), not ATT-W203.
+  causal mask, a sliding window over trailing pads) are information, said once
+  (ATT-I240), not ATT-W203.
 
 Tolerances are relative to the magnitude of the array's input and depend on the
 run's dtype (:data:`RELATIVE_TOLERANCE`).  :func:`input_precision` says in which
@@ -231,9 +232,9 @@ def position_rows(ctx) -> Optional[List[Diagnosis]]:
     if spec is None or embed is None or added is None:
         return None                     # not kept (a huge input): nothing to compare with
     seq, d_model = embed.shape[1], embed.shape[2]
-    table = _position_table(spec, seq, d_model)
+    table = position_table(spec, seq, d_model)
     rows = None if spec.is_cross else padding_keep(spec, None, seq)
-    base = np.asarray(embed, dtype=np.float64) + _type_rows(spec)
+    base = np.asarray(embed, dtype=np.float64) + token_type_rows(spec)
     scale = max(_magnitude(base), 1e-30)
     tol = _tolerance(added)
 
@@ -256,7 +257,8 @@ def position_rows(ctx) -> Optional[List[Diagnosis]]:
                      hint="add the row of each token's position (counted from its first real token)")]
 
 
-def _position_table(spec, seq: int, d_model: int) -> np.ndarray:
+def position_table(spec, seq: int, d_model: int) -> np.ndarray:
+    """The first `seq` rows of the spec's learned table, or the sinusoidal table written out here."""
     pos = spec.positional
     if pos.kind == "learned":
         return np.asarray(pos.table.data, dtype=np.float64)[:seq]
@@ -268,7 +270,8 @@ def _position_table(spec, seq: int, d_model: int) -> np.ndarray:
     return table
 
 
-def _type_rows(spec) -> np.ndarray:
+def token_type_rows(spec) -> np.ndarray:
+    """BERT's token-type (segment) row of every token, or 0."""
     pos = spec.positional
     if pos.type_table is None:
         return np.zeros(1)
@@ -496,8 +499,8 @@ def nan_through_zero_weights(ctx) -> Optional[List[Diagnosis]]:
 # =========================================================================== rows with no key
 
 def padding_rows_are_information(check: Callable) -> Callable:
-    """Wrap the ATT-W203 check: rows with no visible key whose query is itself padding (before its
-    item's first real token) are said once, as information (ATT-I240); the others stay ATT-W203."""
+    """Wrap the ATT-W203 check: rows with no visible key whose query is itself padding (in an item
+    with a real token) are said once, as information (ATT-I240); the others stay ATT-W203."""
     def wrapped(ctx) -> Optional[List[Diagnosis]]:
         keep = ctx.values.get("mask")
         rows = _padding_query_rows(ctx, keep) if keep is not None and ctx.spec is not None else None
@@ -512,8 +515,8 @@ def padding_rows_are_information(check: Callable) -> Callable:
             names = ", ".join(ctx.token_q(q) for q in queries[:8]) + (" ..." if len(queries) > 8 else "")
             found.append(_info(ctx, "ATT-I240", "pattern",
                                f"query row(s) {names} of batch item(s) {', '.join(map(str, items))} are padding "
-                               f"(before the item's first real token) and may attend to no key under the causal "
-                               f"mask: their weights are 0 by design (said once for every layer)",
+                               f"and may attend to no key (left padding under a causal mask, or a window over "
+                               f"pads): their weights are 0 by design (said once for every layer)",
                                hint="nothing to fix; their outputs are not meaningful and nothing reads them"))
         return found
     wrapped.describes = getattr(check, "describes", None)
@@ -521,17 +524,15 @@ def padding_rows_are_information(check: Callable) -> Callable:
 
 
 def _padding_query_rows(ctx, keep: np.ndarray) -> Optional[np.ndarray]:
-    """(batch, seq_q) rows that see no key and are padding placed before a real token."""
+    """(batch, seq_q) rows that see no key and are themselves padding, in an item that has a real token."""
     spec = ctx.spec
     seq_q, seq_k = keep.shape[-2], keep.shape[-1]
     pad = padding_keep(spec, ctx.layer, seq_k)
     if pad is None or spec.is_cross or seq_q > seq_k:
         return None
     own = pad[:, seq_k - seq_q:]                                      # (batch, seq_q): the query's own token
-    first_real = np.where(pad.any(axis=-1), pad.argmax(axis=-1), seq_k)[:, None]
-    before_first = (np.arange(seq_q)[None] + seq_k - seq_q) < first_real
     empty = ~keep.any(axis=-1)[:, 0]                                  # (batch or 1, seq_q)
-    return empty & ~own & before_first & pad.any(axis=-1)[:, None]
+    return empty & ~own & pad.any(axis=-1)[:, None]
 
 
 # step key -> the checks of this module that run after it (analysis.checks merges them into its tables)
