@@ -328,14 +328,14 @@ def _rotated(state, which: str, *, positions=None, pairing: Optional[str] = None
     return positional.rope(x, positions, pos.base, pairing or pos.pairing)
 
 
-def _other_pairing(state, which):
-    return "interleaved" if state.spec.positional.pairing == "half" else "half"
+def _rotation_steps(change: Callable[[engine.State, str], Dict]) -> Dict[str, StepFn]:
+    """rot_q and rot_k as the engine computes them, with the keywords `change(state, 'q' or 'k')` changes."""
+    return {f"rot_{w}": (lambda state, w=w: _rotated(state, w, **change(state, w))) for w in "qk"}
 
 
 def _rope_pairing_mismatch(notes: Notes) -> Dict[str, StepFn]:
-    def make(which):
-        return lambda state: _rotated(state, which, pairing=_other_pairing(state, which))
-    return {"rot_q": make("q"), "rot_k": make("k")}
+    return _rotation_steps(lambda state, w: {
+        "pairing": "interleaved" if state.spec.positional.pairing == "half" else "half"})
 
 
 def _half_angles(precision: str = "float16", tables: str = "float16"):
@@ -346,33 +346,28 @@ def _half_angles(precision: str = "float16", tables: str = "float16"):
         inv_freq = ops.round_to(1.0 / base ** (np.arange(0, d_head, 2) / d_head), precision)
         t = ops.round_to(np.asarray(positions, dtype=np.float64), precision)
         angles = ops.round_to(t[..., None] * inv_freq, precision).astype(np.float32)
-        return ops.round_to(np.cos(angles), tables), ops.round_to(np.sin(angles), tables)   # as torch: in float32
+        return ops.round_to(np.cos(angles), tables), ops.round_to(np.sin(angles), tables)
     return cos_sin
 
 
 def _rope_low_precision(notes: Notes) -> Dict[str, StepFn]:
-    def make(which):
-        return lambda state: _rotated(state, which, cos_sin=_half_angles())
-    return {"rot_q": make("q"), "rot_k": make("k")}
+    return _rotation_steps(lambda state, w: {"cos_sin": _half_angles()})
 
 
 def _rope_float32_angles(notes: Notes) -> Dict[str, StepFn]:
     """The fix of rope-low-precision: angles in float32, only the cos/sin tables stored in float16."""
-    def make(which):
-        return lambda state: _rotated(state, which, cos_sin=_half_angles("float32", "float16"))
-    return {"rot_q": make("q"), "rot_k": make("k")}
+    return _rotation_steps(lambda state, w: {"cos_sin": _half_angles("float32", "float16")})
+
+
+def _positions_from_the_pads(state, which: str) -> Dict:
+    q_pos, k_pos = positional.rope_positions(state.plan.size("seq_q"), state.plan.size("seq_k"))
+    return {"positions": (q_pos if which == "q" else k_pos)[None]}
 
 
 def _left_padding_positions(notes: Notes) -> Dict[str, StepFn]:
     def pos(state):
         return engine.add_positions(state, np.arange(state["embed"].shape[1])[None])    # 0, 1, ... from the pads
-
-    def make(which):
-        def step(state):
-            q_pos, k_pos = positional.rope_positions(state.plan.size("seq_q"), state.plan.size("seq_k"))
-            return _rotated(state, which, positions=(q_pos if which == "q" else k_pos)[None])
-        return step
-    return {"pos": pos, "rot_q": make("q"), "rot_k": make("k")}
+    return {"pos": pos, **_rotation_steps(_positions_from_the_pads)}
 
 
 def _top_left_mask(state) -> np.ndarray:

@@ -310,11 +310,11 @@ def torch_sdpa_crosscheck(spec, trace, arrays: Dict[str, np.ndarray]) -> List[Di
         largest, relative, where = difference(z[live], z_torch[live])
         dtype = explaining_dtype(relative)
         if _band_index(dtype) > _band_index(str(z.dtype)):
+            size = f"the size of {dtype} rounding" if dtype else "beyond any rounding"
             return [Diagnosis(code="ATT-W247", severity="warning", step=plan.step("z", layer).label,
-                              hook=hooks["z"], message=f"{hooks['z']} differs from torch's scaled_dot_product_attention "
-                              f"(math backend, {z.dtype}) on the same Q, K, V and mask by {largest:.3g} "
-                              f"({relative:.2g} relative): " + (f"the size of {dtype} rounding" if dtype else
-                                                                "beyond any rounding"),
+                              hook=hooks["z"], message=f"{hooks['z']} differs from torch's "
+                              f"scaled_dot_product_attention (math backend, {z.dtype}) on the same Q, K, V and mask "
+                              f"by {largest:.3g} ({relative:.2g} relative): {size}",
                               hint="the weights or their mixing differ from what every backend computes")]
         worst = max(worst, (relative, hooks["z"]))
     trace.checks_passed.append(f"torch's scaled_dot_product_attention (math backend, {trace.dtype}) agrees with z "

@@ -193,8 +193,9 @@ def rope_rotation(which: str) -> Callable:
         hook = ctx.step(key).hook
         pad_q, pad_k = expected_positions(spec, plan, ctx.layer, from_pads=True)
         from_pads = pad_q if which == "q" else pad_k
-        if not np.array_equal(*np.broadcast_arrays(from_pads, pos)) and _rotation_error(rotated, rope_reference(x, from_pads, pos_kind.base, pos_kind.pairing), rows,
-                                scale) <= tol:
+        counted_from_pads = rope_reference(x, from_pads, pos_kind.base, pos_kind.pairing)
+        if not np.array_equal(*np.broadcast_arrays(from_pads, pos)) and \
+                _rotation_error(rotated, counted_from_pads, rows, scale) <= tol:
             return [_positions_warning(ctx, key, f"{hook} is rotated at positions counted from the start of the "
                                                  f"padded row, not from each item's first real token")]
         other = "interleaved" if pos_kind.pairing == "half" else "half"
@@ -226,7 +227,7 @@ def _positions_warning(ctx, key: str, message: str) -> Diagnosis:
 @describes("each token gets the position row of its place, counted from its item's first real token")
 def position_rows(ctx) -> Optional[List[Diagnosis]]:
     """After step pos: X + PE[position] (+ token types), compared on the real tokens."""
-    spec, plan = ctx.spec, ctx.plan
+    spec = ctx.spec
     hooks = {key: ctx.step(key).hook for key in ("embed", "pos")}
     embed, added = (ctx.trace.arrays.get(hooks[key]) for key in ("embed", "pos"))
     if spec is None or embed is None or added is None:
