@@ -822,7 +822,7 @@ CATALOGUE: Dict[str, Bug] = {bug.name: _with_textbook_texts(bug) for bug in (
         "exp overflows past 11.09 (inf/inf = NaN), and every weight carries float16 rounding",
         ("pattern",), ("ATT-W201", "ATT-W204", "ATT-W247"), "more than one key", _softmax_half, _needs_two_keys,
         fix="F.softmax(scores.float(), dim=-1).to(scores.dtype): subtract the max and accumulate in float32",
-        seen_in=("(classic)",),
+        seen_in=("transformers#17437", "NVIDIA/FasterTransformer#43"),
         explanation="float16's largest number is 65504 = e^11.09: a score of 12 overflows, and rows that do not "
                     "overflow still sum to 1 only to about 1e-3",
         fixed=_softmax_float32_max_subtracted, fixed_precision="float16"),

@@ -334,7 +334,8 @@ def _causal_alignment(ctx, keep, others, q_pos, k_pos, prefix: int) -> List[Diag
     if blind.any():
         b, q, k = _first(blind)
         visible = np.flatnonzero(keep[b, 0, q])
-        sees = f"keys {visible[0]}–{visible[-1]}" if visible.size else "no key"
+        sees = "no key" if not visible.size else f"key {visible[0]}" if visible.size == 1 else \
+            f"keys {visible[0]}–{visible[-1]}"
         message = (f"{hook}: query {q} sits at position {k} (the queries are the last {seq_q} of {seq_k} "
                    f"positions) but may not attend to key {k}, its own position ({sees} visible)")
         details = ["the mask is aligned top-left (query i sees keys 0..i), as torch's is_causal does when "
