@@ -187,9 +187,9 @@ def _pattern_changed(verdict):
 
 # =========================================================================== clean models: not a word
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_minilm_has_no_false_alarm_and_agrees_with_sdpa(minilm, dtype):
-    trace = run({"model": minilm, "text": TEXTS}, check="all", dtype=dtype)
+@pytest.mark.parametrize("dtype, layers", [("float32", None), ("float64", "0-1")])     # float64: two layers, to
+def test_minilm_has_no_false_alarm_and_agrees_with_sdpa(minilm, dtype, layers):        # keep this file quick
+    trace = run({"model": minilm, "text": TEXTS, **({"layers": layers} if layers else {})}, check="all", dtype=dtype)
     assert trace.warnings == [], [d.message for d in trace.warnings]
     assert {d.code for d in trace.diagnoses} <= {"ATT-I300", "ATT-I301"}
     assert any(c.startswith("an independent float64 recomputation agrees") and
