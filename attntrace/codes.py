@@ -192,6 +192,17 @@ CODES: Dict[str, Code] = {
     "ATT-W224": _failed("under a causal mask, outputs depend on later tokens (--check all)"),
     "ATT-W225": _failed("heads depend on each other's weights (--check all)"),
     "ATT-W230": _failed("an analytic gradient disagrees with finite differences"),
+    # ---- the mistakes real projects shipped (analysis/field_checks.py, analysis/crosscheck.py)
+    "ATT-W240": _failed("RoPE rotated Q or K differently from its definition (pairs or angles)"),
+    "ATT-W241": _failed("positions are not counted from each sequence's first real token"),
+    "ATT-W242": _failed("the causal mask is not aligned with the query positions (KV cache)"),
+    "ATT-W243": _failed("a sliding window keeps another number of keys than its size"),
+    "ATT-W244": _failed("ALiBi slopes are not the paper's geometric sequence"),
+    "ATT-W246": _failed("NaN at a masked position reached the scores or the output"),
+    "ATT-W247": _failed("the trace differs from an independent recomputation beyond its dtype's rounding "
+                        "(--check all)"),
+    "ATT-W248": _failed("masked scores hold a finite value (a large negative number) instead of −inf"),
+    "ATT-I240": _note("padding query rows attend to no key, by design (e.g. left padding under a causal mask)"),
 }
 
 

@@ -158,21 +158,21 @@ def test_minus_1e9_mask_in_float16_differs_with_nan_rows(tmp_path):
     assert {h.hook: h.status for h in part.hooks}["attn.hook_scaled"] == "match"
 
 
-@pytest.mark.xfail(strict=True, reason="needs weak-mask-value from issue 15")
 def test_minus_1e9_mask_in_float16_is_named_weak_mask_value(tmp_path):
     report = half_precision_capture(tmp_path, torch.float16)
     assert report.verdict == "differs"
     assert "weak-mask-value" in report.bug_names
 
 
-def test_minus_1e9_mask_in_float32_is_not_blamed_on_a_wrong_bug(tmp_path):
-    """In float32, -1e9 stays finite: the fully blocked rows attend uniformly.  No catalogue bug
-    gives those numbers today, and the check says so instead of naming the nearest one."""
+def test_minus_1e9_mask_in_float32_is_named_weak_mask_value_not_the_nan_bug(tmp_path):
+    """In float32, -1e9 stays finite: every blocked score rounds to -1e9, so the fully blocked rows
+    attend uniformly.  weak-mask-value, computed in the precision of the captured numbers, gives
+    exactly these numbers; fully-masked-row-neg-inf (NaN rows) does not."""
     part = half_precision_capture(tmp_path, torch.float32).parts[0]
-    assert part.verdict == "differs" and part.bugs == []
+    assert part.verdict == "differs" and [b.name for b in part.bugs] == ["weak-mask-value"]
     row = part.first_divergence.first
     assert row["row_captured"] == pytest.approx([0.2] * 5) and row["row_expected"] == [0.0] * 5
-    assert "no catalogue bug reproduces" in part.summary()
+    assert "`weak-mask-value`" in part.summary() and part.bugs[0].seen_in
 
 
 @pytest.mark.parametrize("cls, bug", [(tutorial.GroupedQueryAttention, None),

@@ -144,16 +144,51 @@ def step_encoder_embed(state: State) -> np.ndarray:
     return state.cast(_batched(state.spec.encoder.embeddings.data))
 
 
-def step_pos(state: State) -> np.ndarray:
+def _leading_pads(spec: Spec, layer: Optional[int], width: int) -> Optional[np.ndarray]:
+    """(batch,) pads before each item's first real token, from the mask's padding; None without left padding."""
+    mask = spec.attention_of(layer).mask
+    if mask.padding is None:
+        return None
+    keep = masks.from_matrix(mask.padding.data, mask.convention)
+    keep = keep[None] if keep.ndim == 1 else keep
+    lead = positional.leading_pads(keep)
+    return lead if keep.shape[-1] == width and lead.any() else None
+
+
+def token_positions(spec: Spec, plan: Plan, layer: Optional[int] = None):
+    """Query and key positions (batch or 1, seq_q) and (batch or 1, seq_k) for RoPE: the queries
+    are the last seq_q positions (the KV-cache offset of the masks), and a left-padded item
+    counts from its first real token."""
+    q, k = positional.rope_positions(plan.size("seq_q"), plan.size("seq_k"))
+    lead = _leading_pads(spec, layer, len(k))
+    if lead is None:
+        return q[None], k[None]
+    return positional.from_first_real_token(q, lead), positional.from_first_real_token(k, lead)
+
+
+def embedding_positions(spec: Spec, seq: int) -> np.ndarray:
+    """(batch or 1, seq) the rows of a position table each token gets: 0, 1, ... counted
+    from each item's first real token (left padding); cross-attention counts from 0."""
+    pos = np.arange(seq)
+    lead = None if spec.is_cross else _leading_pads(spec, None, seq)
+    return pos[None] if lead is None else positional.from_first_real_token(pos, lead)
+
+
+def add_positions(state: State, rows: np.ndarray) -> np.ndarray:
+    """X + PE[rows] (rows: (batch or 1, seq) positions), plus BERT's token-type rows."""
     pos = state.spec.positional
     x = state["embed"]
     seq, d_model = x.shape[1], x.shape[2]
     table = positional.sinusoidal(seq, d_model, pos.base) if pos.kind == "sinusoidal" else \
         positional.learned(pos.table.data, seq)
-    x = x + state.cast(table)
+    x = x + state.cast(table)[rows]
     if pos.type_table is not None:          # BERT: the segment embedding of each token
         x += state.cast(pos.type_table.data)[np.asarray(pos.type_ids.data, dtype=np.int64)]
     return x
+
+
+def step_pos(state: State) -> np.ndarray:
+    return add_positions(state, embedding_positions(state.spec, state["embed"].shape[1]))
 
 
 def _norm(state: State, norm, x: np.ndarray) -> np.ndarray:
@@ -194,7 +229,7 @@ def step_v(state: State) -> np.ndarray:
 
 
 def _rotate(state: State, key: str) -> np.ndarray:
-    """RoPE on Q or K (batch, seq, heads, d_head); positions with the KV-cache offset of the masks."""
+    """RoPE on Q or K (batch, seq, heads, d_head) at :func:`token_positions`."""
     x = state[key]
     if x.shape[-1] % 2:
         step, plan = state.plan.step("rot_" + key, state.layer), state.plan
@@ -205,7 +240,7 @@ def _rotate(state: State, key: str) -> np.ndarray:
             locations=[loc for loc in (state.spec.positional.location,) if loc is not None],
             hint="use an even d_head (every RoPE model does), or another positional encoding"))
     pos = state.spec.positional
-    q_pos, k_pos = positional.rope_positions(state.plan.size("seq_q"), state.plan.size("seq_k"))
+    q_pos, k_pos = token_positions(state.spec, state.plan, state.layer)
     return positional.rope(x, q_pos if key == "q" else k_pos, pos.base, pos.pairing)
 
 
