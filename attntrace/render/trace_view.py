@@ -64,7 +64,8 @@ def _axis_labels(trace, hook: str, axis_name: str, indices: np.ndarray) -> List[
         return _labels(spec.tokens, indices)
     if axis_name == "seq_k":
         return _labels(spec.key_tokens, indices)
-    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "n_heads·d_v": "c", "n_heads·d_head": "c",
+    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "d_mlp": "m", "n_heads·d_v": "c",
+             "n_heads·d_head": "c",
              "n_kv_heads·d_head": "c", "n_kv_heads·d_v": "c"}.get(axis_name, "")
     return [f"{short}{i}" for i in indices]
 
