@@ -21,7 +21,7 @@ def _cell(value: float) -> str:
 
 def heads_table(report) -> Group:
     scores = report.scores
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
                   title=f"heads ranked by {report.sort} ({SCORE_INFO[report.sort]})", title_justify="left",
                   title_style="bold")
     table.add_column("layer", justify="right", no_wrap=True)
