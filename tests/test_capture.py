@@ -23,8 +23,9 @@ else:
 
 import tutorial_attention as tutorial  # noqa: E402 -- needs torch (tests/ is on sys.path, as for reference.py)
 
-from attntrace.analysis.capture import TOLERANCES, check_capture, load_capture, spec_from_capture  # noqa: E402
+from attntrace.analysis.capture import TOLERANCES, check_capture, spec_from_capture  # noqa: E402
 from attntrace.errors import InputError  # noqa: E402
+from attntrace.inputs.capture_file import load_capture  # noqa: E402
 from attntrace.models import capture as capture_mod  # noqa: E402
 from attntrace.models.capture import capture, tap  # noqa: E402
 from attntrace.render.capture_view import render_capture_report  # noqa: E402

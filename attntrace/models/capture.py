@@ -74,15 +74,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from attntrace.errors import InputError, input_error
+from attntrace.inputs.capture_file import DTYPE_CODES, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
 
-FORMAT_NAME = "attntrace-capture"
-FORMAT_VERSION = 1
-METADATA_KEY = "attntrace.capture"
 CHUNK_BYTES = 64 << 20                   # bytes moved to the host and written at a time
 
-# torch dtype name -> safetensors dtype code
-DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 WEIGHT_KEYS = ("W_q", "W_k", "W_v", "W_o", "b_q", "b_k", "b_v", "b_o", "W_qkv", "b_qkv")
 SHORT_WEIGHTS = ("q", "k", "v", "o", "qkv")      # a module (nn.Linear / HF Conv1D) for W_x and b_x
 MASK_KINDS = ("none", "causal")
