@@ -18,4 +18,4 @@ echo "trying: $(tr '\n' ' ' < "$pins")"
 # the project without its declared bounds, which a version below a floor would contradict
 "$VENV/bin/python" -m pip install -q -c "$pins" click numpy rich pyyaml pytest hypothesis jsonschema import-linter
 "$VENV/bin/python" -m pip install -q --no-deps .
-env -u CI ATTNTRACE_FLOOR_RUN=1 "$VENV/bin/python" -m pytest -rs -p no:cacheprovider
+env -u CI ATTNTRACE_FLOOR_RUN=1 "$VENV/bin/python" -m pytest -rfEs -p no:cacheprovider
