@@ -2,8 +2,10 @@
 
 Every :class:`~attntrace.errors.Diagnosis` checks its code against this table,
 and a test checks that every code the sources raise is here and in the README's
-table of codes.  Ranges: E0xx input, E1xx shape, E3xx model checkpoints, E4xx
-memory and long context, W2xx invariants and layout hints, W3xx model notes.
+table of codes.  Letters: E an error, W a warning (exit 1 under --strict),
+I information.  Ranges: 0xx input, 1xx shape, 2xx invariants and layout hints,
+3xx model checkpoints and captures, 4xx head scores and chunked attention,
+5xx the HTML explorer.
 
 Exit codes: 0 ok · 1 a check or expectation failed · 2 bad input · 3 diagnosed shape error.
 """
@@ -27,6 +29,10 @@ def _shape(meaning: str) -> Code:
 
 def _failed(meaning: str) -> Code:
     return Code(meaning, 1)
+
+
+def _note(meaning: str) -> Code:
+    return Code(meaning, 0)          # information: never a failure, not even under --strict
 
 
 CODES: Dict[str, Code] = {
@@ -72,6 +78,7 @@ CODES: Dict[str, Code] = {
     "ATT-E067": _failed("a hand calculation diverges from the trace"),
     "ATT-E068": _input("--step cannot be combined with --format json"),
     "ATT-E080": _input("the forward trace lacks an array the backward pass needs"),
+    "ATT-E081": _input("gradients of transformer blocks are not computed (one attention layer only)"),
     # ---- shape errors found before numpy runs (exit 3)
     "ATT-E101": _shape("a matrix product contracts axes of different sizes"),
     "ATT-E102": _shape("the number of tokens differs from the number of embedding rows"),
@@ -121,10 +128,34 @@ CODES: Dict[str, Code] = {
     "ATT-E337": _input("token ids are invalid (outside the vocabulary, or a bad mask)"),
     "ATT-E338": _input("text is invalid (empty, not a string, or no tokens)"),
     "ATT-E339": _input("the text is longer than the model's learned position table"),
-    "ATT-W300": _failed("checkpoint: BERT's pooler is present but unused"),
-    "ATT-W301": _failed("checkpoint: BERT's pre-training heads are present but unused"),
+    "ATT-I300": _note("checkpoint: BERT's pooler is present but unused"),
+    "ATT-I301": _note("checkpoint: BERT's pre-training heads are present but unused"),
     "ATT-W302": _failed("checkpoint: an untied model without lm_head (no unembedding)"),
     "ATT-W303": _failed("the pad id was chosen because the tokenizer defines none"),
+    # ---- captures from PyTorch (models/capture.py, analysis/capture.py)
+    "ATT-E340": _input("capture: a bad capture() argument, not a torch module, or torch missing"),
+    "ATT-E341": _input("capture: the module was not called inside the capture"),
+    "ATT-E342": _input("capture: a recorded tensor was changed in place after recording"),
+    "ATT-E343": _input("capture: a tensor of a dtype a capture cannot hold"),
+    "ATT-E344": _input("capture: the capture file cannot be written"),
+    "ATT-E345": _input("capture: the capture file is missing or unreadable"),
+    "ATT-E346": _input("capture: not a valid safetensors file"),
+    "ATT-E347": _input("capture: a safetensors file that is not an attntrace capture"),
+    "ATT-E348": _input("capture: written by a newer capture format"),
+    "ATT-E349": _input("capture: the metadata names a tensor the file lacks, or a shape disagrees"),
+    "ATT-E350": _input("capture: the attention cannot be rebuilt (weights, heads or inputs not recorded)"),
+    "ATT-E351": _input("capture: a part that cannot be compared yet (soft masks, KV cache, scaled RoPE, whole blocks)"),
+    "ATT-E352": _input("capture: a tapped hook name is unknown"),
+    "ATT-E353": _input("capture: tap(axes=...) does not fit the tensor"),
+    "ATT-E354": _input("capture: the captured weights and inputs do not fit together"),
+    "ATT-E355": _input("capture: a tolerance is invalid"),
+    "ATT-E356": _input("capture: no such part in the capture"),
+    "ATT-W340": _failed("capture: recorded in training mode with dropout (random numbers)"),
+    "ATT-W341": _failed("capture: the module was called more than once; the first call is recorded"),
+    "ATT-W342": _failed("capture: a hook was tapped more than once; the first is kept"),
+    "ATT-W343": _failed("capture: an assumption was made (mask convention, layout)"),
+    "ATT-W344": _failed("capture: tapped axes are ambiguous; a layout was assumed"),
+    "ATT-W345": _failed("capture: is_causal contradicts attn_mask (PyTorch used causal)"),
     # ---- the head finder (analysis/heads.py)
     "ATT-E400": _input("head scores: the attention patterns do not have the shape (batch, heads, seq_q, seq_k)"),
     "ATT-E401": _input("head scores: a key mask, sink/SEP positions or keep selection has the wrong shape"),
@@ -161,6 +192,17 @@ CODES: Dict[str, Code] = {
     "ATT-W224": _failed("under a causal mask, outputs depend on later tokens (--check all)"),
     "ATT-W225": _failed("heads depend on each other's weights (--check all)"),
     "ATT-W230": _failed("an analytic gradient disagrees with finite differences"),
+    # ---- the mistakes real projects shipped (analysis/field_checks.py, analysis/crosscheck.py)
+    "ATT-W240": _failed("RoPE rotated Q or K differently from its definition (pairs or angles)"),
+    "ATT-W241": _failed("positions are not counted from each sequence's first real token"),
+    "ATT-W242": _failed("the causal mask is not aligned with the query positions (KV cache)"),
+    "ATT-W243": _failed("a sliding window keeps another number of keys than its size"),
+    "ATT-W244": _failed("ALiBi slopes are not the paper's geometric sequence"),
+    "ATT-W246": _failed("NaN at a masked position reached the scores or the output"),
+    "ATT-W247": _failed("the trace differs from an independent recomputation beyond its dtype's rounding "
+                        "(--check all)"),
+    "ATT-W248": _failed("masked scores hold a finite value (a large negative number) instead of −inf"),
+    "ATT-I240": _note("padding query rows attend to no key, by design (e.g. left padding under a causal mask)"),
 }
 
 

@@ -69,7 +69,7 @@ class Diagnosis:
 
     code: str                       # ATT-E0xx input, ATT-E1xx shape, ATT-W2xx invariant
     message: str
-    severity: str = "error"         # "error" | "warning"
+    severity: str = "error"         # "error" | "warning" | "info" (a note: never a failure)
     step: Optional[str] = None      # e.g. "4/12 'scores = Q·Kᵀ'"
     hook: Optional[str] = None
     head: Optional[int] = None

@@ -95,6 +95,14 @@ HOOK_POINTS: Tuple[HookPoint, ...] = (
            "scores after masking (blocked = -inf)", ("masked", "attn_scores")),
     _point("attn.hook_pattern", BLOCK, _SCORES, _SCORE_DISPLAY, "weights", "weights = softmax(masked) over seq_k",
            "softmax weights", ("weights", "pattern", "attn")),
+    # chunked attention (online softmax over key blocks): the running state of the traced query row
+    _point("attn.hook_block_max", BLOCK, ("batch", "n_heads", "row", "k_block"), (2, 3, 1), "m",
+           "m = max(m, max of the block's scores)", "chunked: the running max after each key block", ("block_max",)),
+    _point("attn.hook_block_sum", BLOCK, ("batch", "n_heads", "row", "k_block"), (2, 3, 1), "l",
+           "l = l·e^(m_old−m) + Σ e^(s−m)", "chunked: the running sum after each key block", ("block_sum",)),
+    _point("attn.hook_block_out", BLOCK, ("batch", "n_heads", "row", "k_block", "d_v"), (3, 4, 1), "acc",
+           "acc = acc·e^(m_old−m) + Σ e^(s−m)·v", "chunked: the running (unnormalised) output after each key block",
+           ("block_out",)),
     _point("attn.hook_z", BLOCK, ("batch", "seq_q", "n_heads", "d_v"), _PER_HEAD, "z", "z = weights·V",
            "weights·V per head", ("z",)),
     _point("attn.hook_z_concat", BLOCK, ("batch", "seq_q", "n_heads·d_v"), _MATRIX, "concat", "concat heads",
@@ -196,6 +204,8 @@ def resolve_hook_name(name: str, location: Optional[Location] = None,
         return name
     layer, local = split_name(name)
     local = ALIASES.get(local, local)
+    if available is None and layer is not None and local in HOOKS_BY_NAME:
+        return full_name(local, layer)          # any block's hook is a name of the vocabulary
     candidate = full_name(local, layer) if local in HOOKS_BY_NAME else name
     if candidate in names:
         return candidate
@@ -232,10 +242,12 @@ def _spellings(name: str) -> Tuple[str, ...]:
     return (name, "blocks.0." + name) if point is not None and point.scope == BLOCK else (name,)
 
 
-def match_hooks(pattern: str, available: Sequence[str], location: Optional[Location] = None) -> List[str]:
+def match_hooks(pattern: str, available: Optional[Sequence[str]], location: Optional[Location] = None) -> List[str]:
     """Hook names matching a name, alias or glob such as `attn.hook_*` or `blocks.*.attn.hook_pattern`.
 
     A short name or glob without `blocks.` matches that hook in every block."""
+    if available is None:                     # checking a name against the vocabulary, before a run
+        return [resolve_hook_name(pattern, location)] if not any(ch in pattern for ch in "*?[") else [pattern]
     if any(ch in pattern for ch in "*?["):
         matched = [n for n in available if any(fnmatch.fnmatchcase(s, pattern) for s in _spellings(n))]
         if not matched:

@@ -8,7 +8,7 @@ from conftest import ROOT
 from attntrace.codes import CODES
 
 PACKAGE = ROOT / "attntrace"
-CODE = re.compile(r"ATT-[EW]\d{3}")
+CODE = re.compile(r"ATT-[EWI]\d{3}")
 
 
 def _raised_codes():

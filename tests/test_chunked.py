@@ -381,3 +381,75 @@ def test_errors_on_bad_input():
 def test_negative_trace_rows_count_from_the_end():
     q, k, v = make_qkv()
     np.testing.assert_array_equal(chunked_attention(q, k, v, trace_rows=[-1, -7]).trace.rows, [6, 0])
+
+
+# --------------------------------------------------------------------------- chunked attention in a trace
+
+def _trace_spec(seed=0, batch=2, seq=37, heads=4, kv=2, d=16, mask=None, positional="none"):
+    rng = np.random.default_rng(seed)
+    return {"embeddings": rng.normal(size=(batch, seq, d)), "positional": positional,
+            "attention": {"heads": heads, "kv_heads": kv, "W_q": rng.normal(size=(d, d)) / 2,
+                          "W_k": rng.normal(size=(d, d // 2)) / 2, "W_v": rng.normal(size=(d, d // 2)),
+                          "mask": mask or "causal"}}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 37, 100])
+@pytest.mark.parametrize("mask, positional", [
+    ("causal", "none"),
+    ({"causal": True, "window": 9, "padding": [[1] * 37, [1] * 30 + [0] * 7]}, "alibi"),
+    ({"padding": [[1] * 37, [1] * 5 + [0] * 32]}, "rope"),
+    ({"prefix": 6}, "none"),
+])
+def test_run_with_chunk_equals_the_full_trace(chunk, mask, positional):
+    import attntrace
+    spec = _trace_spec(mask=mask, positional=positional)
+    full = attntrace.run(spec, keep="all")
+    chunked_trace = attntrace.run(spec, keep="all", chunk=chunk)
+    for hook in ("attn.hook_z", "hook_attn_out"):
+        np.testing.assert_allclose(chunked_trace[hook], full[hook], rtol=0, atol=1e-9)
+    # the weights were never held, but what the trace says of them is theirs
+    pattern = full["attn.hook_pattern"]
+    np.testing.assert_allclose(chunked_trace.row_sums["attn.hook_pattern"], pattern.sum(-1), atol=1e-12)
+    np.testing.assert_allclose(chunked_trace.winners["attn.hook_pattern"][0], pattern.max(-1), atol=1e-12)
+    assert abs(chunked_trace.stats["attn.hook_pattern"].max - pattern.max()) < 1e-12
+    assert "attn.hook_pattern" not in chunked_trace.arrays and "attn.hook_qk" not in chunked_trace.plan.hooks
+    # the traced row: the last query; its final running max is that row's largest (scaled, biased) score
+    blocks = -(-37 // chunk)
+    assert chunked_trace["attn.hook_block_max"].shape == (2, 4, 1, blocks)
+    scores = np.where(full["attn.hook_mask"], full["attn.hook_scaled"], -np.inf)[:, :, -1]
+    final = chunked_trace["attn.hook_block_max"][..., 0, -1]
+    np.testing.assert_allclose(np.where(np.isfinite(final), final, 0), np.where(np.isfinite(final),
+                               scores.max(-1), 0), atol=1e-12)
+
+
+def test_chunk_from_the_spec_and_the_cli(invoke, write_spec):
+    import json
+
+    import yaml
+    spec = _trace_spec(batch=1, seq=20)
+    spec["attention"]["chunk"] = 8
+    text = yaml.safe_dump({k: (v.tolist() if isinstance(v, np.ndarray) else
+                               {kk: (vv.tolist() if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()}
+                               if isinstance(v, dict) else v) for k, v in spec.items()})
+    code, out = invoke("run", write_spec(text), "--format", "json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert "attn.hook_block_max" in doc["steps"] and "attn.hook_pattern" not in doc["steps"]
+    assert doc["hooks"]["attn.hook_block_out"]["shape"] == [1, 4, 1, 3, 4]      # (batch, heads, row, blocks, d_v)
+    code, out = invoke("run", write_spec(text), "--chunk", "5", "--chunk-row", "3", "--steps", "block_max")
+    assert code == 0 and "m = running max" in out and "query 3" in out
+
+
+def test_a_run_that_would_not_fit_is_refused_before_allocating(invoke, write_spec, monkeypatch):
+    from attntrace.core import memory
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * memory.MiB)
+    text = ("version: 1\nembeddings: {random: {shape: [2048, 64], seed: 0}}\n"
+            "attention: {heads: 8, W_q: {identity: 64}, W_k: {identity: 64}, W_v: {identity: 64}, mask: causal}\n")
+    code, out = invoke("run", write_spec(text), "--format", "json")
+    import json
+    d = json.loads(out)["diagnoses"][0]
+    assert code == 2 and d["code"] == "ATT-E020"
+    assert "this run needs about" in d["message"] and "64.0 MiB is available" in d["message"]
+    assert "--chunk" in d["hint"]
+    code, out = invoke("run", write_spec(text), "--chunk", "256", "--steps", "out")
+    assert code == 0, out                                     # the advice works

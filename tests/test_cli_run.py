@@ -80,7 +80,7 @@ def test_json_twin_values(invoke):
     doc = json.loads(out)
     assert doc["exit_code"] == 0 and doc["tokens"] == ["A", "B", "C"]
     assert doc["dims"]["d_head"] == 2 and doc["dims"]["seq_q"] == 3
-    steps = {s["hook"]: s for s in doc["steps"]}
+    steps = doc["hooks"]
     qk = np.array(steps["attn.hook_qk"]["values"])[0, 0]
     np.testing.assert_array_equal(qk, [[10, 58, 106], [58, 234, 410], [106, 410, 714]])
     assert steps["attn.hook_pattern"]["axes"] == ["batch", "n_heads", "seq_q", "seq_k"]
@@ -93,7 +93,7 @@ def test_json_twin_values(invoke):
 def test_json_marks_blocked_scores_as_strings(invoke):
     code, out = invoke("run", CONFIGS / "causal_gpt.yaml", "--format", "json")
     doc = json.loads(out)          # plain JSON: no bare -Infinity
-    masked = {s["hook"]: s for s in doc["steps"]}["attn.hook_attn_scores"]["values"]
+    masked = doc["hooks"]["attn.hook_attn_scores"]["values"]
     assert masked[0][0][0][1] == "-inf"
 
 
@@ -125,12 +125,21 @@ def test_big_matrices_are_elided(tmp_path, invoke):
         "  W_k: {npy: wk.npy}\n  W_v: {npy: wv.npy}\n  mask: causal\n")
     code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--values")
     assert code == 0
-    assert "⋮" in out and "…" in out
+    # the gaps are visible and counted: 300 rows shown as 0–3 and 296–299
+    assert "⋯ 292 tokens ⋯ (4–295 not shown)" in out and "⋯292⋯" in out
     assert len(out.splitlines()) < 60
     assert "max →" in out
+    # the heatmap of a long sequence is a pooled overview labelled with token ranges
+    code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--width", "120")
+    assert code == 0 and "pooled: each cell is the block max over up to 7 queries × 7 keys" in out
+    assert "  0–5 " in out and "294–299 " in out
+    code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--full", "--values",
+                       "--width", "120")
+    assert code == 0 and "head 0 · keys 0–6 of 300" in out and "keys 294–299 of 300" in out
+    assert max(len(line) for line in out.splitlines()) <= 120       # pages fit the width
     # JSON carries a preview, not 2×300×300 values
     code, out = invoke("run", tmp_path / "big.yaml", "--format", "json")
-    pattern = {s["hook"]: s for s in json.loads(out)["steps"]}["attn.hook_pattern"]
+    pattern = json.loads(out)["hooks"]["attn.hook_pattern"]
     assert "values" not in pattern and pattern["preview"]["rows"] == [0, 1, 2, 3, 296, 297, 298, 299]
 
 

@@ -30,8 +30,10 @@ def test_every_format_is_written(invoke, spec_path, tmp_path):
     assert "exported:" in out
     svg = (tmp_path / "t.svg").read_text(encoding="utf-8")
     assert svg.lstrip().startswith("<svg") and "scores" in svg
-    html = (tmp_path / "t.html").read_text(encoding="utf-8")
-    assert "<html" in html.lower() and "410" in html
+    html = (tmp_path / "t.html").read_text(encoding="utf-8")          # the offline explorer
+    assert "<html" in html.lower() and "attntrace explorer" in html.lower()
+    assert '"hook": "attn.hook_qk"' in html and '"max": "714.0"' in html          # exact values in its table
+    assert "http://" not in html and "https://" not in html
     text = (tmp_path / "t.txt").read_text(encoding="utf-8")
     assert "attntrace · abc" in text and "\x1b[" not in text         # plain text, no escape codes
     assert leftovers(tmp_path) == []
@@ -51,7 +53,7 @@ def test_json_holds_full_values(invoke, spec_path, tmp_path):
     target = tmp_path / "t.json"
     assert invoke("run", spec_path, "--export", target, "--format", "json")[0] == 0
     doc = json.loads(target.read_text(encoding="utf-8"))
-    qk = next(s for s in doc["steps"] if s["hook"] == "attn.hook_qk")
+    qk = doc["hooks"]["attn.hook_qk"]
     assert qk["values"] == [[QK]]
 
 

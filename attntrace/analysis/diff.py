@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from attntrace.analysis.cells import cell_label
+from attntrace.analysis.run import run
 from attntrace.errors import input_error
 from attntrace.hookpoints import HOOKS_BY_NAME
 
@@ -43,12 +44,11 @@ def from_trace(trace, source: str = "") -> TraceData:
                      list(trace.spec.key_tokens), {s.hook: s.label for s in trace.plan.steps})
 
 
-def load_side(path, *, dtype: str = "float64", hooks: Sequence = ()) -> TraceData:
+def load_side(path, *, dtype: Optional[str] = None, hooks: Sequence = ()) -> TraceData:
     """A spec (run with every array kept) or a saved .npz / .json trace."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SPEC_SUFFIXES:
-        from attntrace.analysis.run import run
         return from_trace(run(path, hooks=hooks, keep="all", dtype=dtype, check=False), str(path))
     if suffix not in SAVED_SUFFIXES:
         raise input_error("ATT-E065", f"{path}: diff compares specs (.yaml) and saved traces (.npz, .json)",
@@ -79,6 +79,8 @@ def _load_json(path: Path) -> TraceData:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         steps = document["steps"]
+        if isinstance(document.get("hooks"), dict):       # format 2: hooks keyed by name, steps their order
+            steps = [dict(document["hooks"][hook], hook=hook) for hook in steps]
         arrays = {s["hook"]: _json_array(s["values"]) for s in steps if "values" in s}
         titles = {s["hook"]: f"{s['number']}/{len(steps)} '{s['title']}'" for s in steps}
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -7,6 +7,7 @@ bare execution the re-running checks and bug replays use.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -15,30 +16,39 @@ from attntrace.analysis import checks as checks_mod
 from attntrace.analysis.actions import hooks_from_spec
 from attntrace.analysis.diagnose import preflight
 from attntrace.analysis.fixes import attach_verified_fixes
-from attntrace.core.engine import Keep, State, StepFn, execute
+from attntrace.core import memory
+from attntrace.core.engine import Keep, State, StepFn, execute, keep_set
 from attntrace.core.hooks import HookFn, HookSet
 from attntrace.core.plan import Plan, Step, plan_from_spec
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError, input_error
 from attntrace.inputs.spec import Spec, load_spec
+from attntrace.models.build import resolve as resolve_model
 
 CHECK_LEVELS = ("none", "default", "all")
 Check = Union[bool, str]
 
 
-def prepare(spec: Union[Spec, str, dict]) -> Tuple[Spec, Plan, List[Diagnosis]]:
+def load(spec: Union[Spec, str, Path, dict]) -> Spec:
+    """A spec from a path, a dict or a Spec, with its `model:` (a real checkpoint) resolved into blocks."""
+    return resolve_model(load_spec(spec))
+
+
+def prepare(spec: Union[Spec, str, Path, dict], chunk: Optional[int] = None,
+            chunk_row: Optional[int] = None) -> Tuple[Spec, Plan, List[Diagnosis]]:
     """Load the spec, plan it and run the pre-flight shape diagnosis.
 
     Raises ShapeError (exit 3) with verified fixes attached; returns the warnings
-    sizes alone cannot settle."""
-    spec = load_spec(spec)
-    plan = plan_from_spec(spec)
+    sizes alone cannot settle (and what loading a checkpoint noticed)."""
+    spec = load(spec)
+    sizes = plan_from_spec(spec, chunk=0)           # the diagnosis reads every step of plain attention
     try:
-        warnings = preflight(spec, plan)
+        warnings = preflight(spec, sizes)
     except ShapeError as error:
         attach_verified_fixes(spec, error.diagnoses)
         raise
-    return spec, plan, warnings
+    plan = plan_from_spec(spec, chunk, chunk_row)
+    return spec, plan, list(spec.notes) + warnings
 
 
 def _check_level(check: Check) -> str:
@@ -52,21 +62,32 @@ def _check_level(check: Check) -> str:
 
 
 def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (), keep: Keep = "auto",
-        dtype: str = "float64", overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
-        on_step: Optional[Callable] = None, spec_hooks: bool = True) -> Trace:
+        dtype: Optional[str] = None, overrides: Optional[Dict[str, StepFn]] = None, check: Check = True,
+        on_step: Optional[Callable] = None, spec_hooks: bool = True, chunk: Optional[int] = None,
+        chunk_row: Optional[int] = None, force: bool = False) -> Trace:
     """Trace attention on a spec (a Spec, a YAML path or a dict) and return its Trace.
 
     hooks: (name or pattern, fn) pairs, fn(array, *, hook) -> array | None.
     spec_hooks: also apply the spec's own `hooks:` list (first, before `hooks`).
     keep: which arrays the trace keeps: "auto" (arrays up to 1M values), "all", or hook names/patterns.
-    dtype: "float64" (default) or "float32".
+    dtype: "float64" or "float32"; by default float64, and for a `model:` its own (float32 unless it says).
     check: True / "default" (the invariant checks of every step), "all" (also the checks
     that re-run attention on perturbed inputs), False / "none".
     on_step: called as on_step(step, array, trace) after each step (`run --step`).
     overrides: step key -> replacement function (how bugs are injected).
+    chunk: compute attention by online softmax over blocks of this many keys (the weights are never
+    materialised; their stats and pooled overview are kept); chunk_row: the query row whose running
+    max, sum and output are traced (default the last).
+    force: run even when the memory estimate exceeds what is available (ATT-E020 otherwise).
     """
     level = _check_level(check)
-    spec, plan, warnings = prepare(spec)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise input_error("ATT-E003", f"chunk must be a whole number of keys ≥ 1, got {chunk!r}",
+                          hint="e.g. chunk=512: online softmax over blocks of 512 keys")
+    spec, plan, warnings = prepare(spec, chunk, chunk_row)
+    dtype = dtype or default_dtype(spec)
+    if not force:
+        check_memory(spec, plan, dtype, keep_set(keep, plan), chunk_row)
     if spec_hooks and spec.hooks:
         hooks = hooks_from_spec(spec) + list(hooks)
     hookset = HookSet(hooks, plan.hooks)
@@ -85,6 +106,27 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
         trace.diagnoses.extend(found)
         trace.checks_passed.extend(passed)
     return trace
+
+
+def check_memory(spec: Spec, plan: Plan, dtype: str, kept, chunk_row: Optional[int] = None) -> None:
+    """Refuse, before anything is allocated, a run whose estimated peak exceeds the free memory."""
+    guess = memory.estimate(spec, plan, dtype, kept)
+    free = memory.available_bytes()
+    if free is None or guess.peak * memory.SAFETY <= free:
+        return
+    options = memory.advice(spec, lambda chunk: plan_from_spec(spec, chunk, chunk_row) if chunk else plan,
+                            dtype, kept, free)
+    raise input_error("ATT-E020", f"this run needs about {memory.human(guess.peak)} (inputs "
+                                  f"{memory.human(guess.inputs)}, kept arrays {memory.human(guess.retained)}, working "
+                                  f"buffers {memory.human(guess.working)}, {dtype}); {memory.human(free)} is available",
+                      hint="what fits: " + "; ".join(options))
+
+
+def default_dtype(spec: Spec) -> str:
+    """float64 for hand-written specs (exact); a model computes as it runs, in float32, unless it says."""
+    if spec.model is not None:
+        return spec.model.dtype or "float32"
+    return "float64"
 
 
 def _step_checker(spec: Spec, plan: Plan, level: str):

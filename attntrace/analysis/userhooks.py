@@ -25,7 +25,7 @@ from typing import List, Tuple
 
 from attntrace.core.hooks import HookFn
 from attntrace.errors import InputError, input_error
-from attntrace.hookpoints import HOOKS_BY_NAME, match_hooks
+from attntrace.hookpoints import match_hooks
 
 EXAMPLE = 'HOOKS = [("attn.hook_pattern", my_fn)]   # my_fn(array, *, hook) -> array | None'
 
@@ -54,7 +54,7 @@ def load_hook_file(path) -> List[Tuple[str, HookFn]]:
         if not callable(fn):
             raise input_error("ATT-E063", f"{path.name}: the hook for '{name}' is not a function", hint=EXAMPLE)
         try:
-            match_hooks(name, list(HOOKS_BY_NAME))
+            match_hooks(name, None)
         except InputError as exc:     # a did-you-mean error: say which file it came from
             raise exc.prefixed(path.name) from None
         hooks.append((name, _reported(fn, name, path)))

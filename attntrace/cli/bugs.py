@@ -39,7 +39,7 @@ def bugs(spec, check_level, width, fmt):
             console.print(bugs_view.catalogue_table(CATALOGUE.values()))
             console.print("\nattntrace run SPEC --inject NAME   runs SPEC with the bug in place", style="dim")
         raise SystemExit(EXIT_OK)
-    from attntrace.inputs.spec import load_spec
+    from attntrace.analysis.run import load as load_spec
     loaded = load_spec(spec)
     verdicts = [inject(loaded, name, check=check_level) for name in CATALOGUE]
     exit_code = EXIT_CHECK_FAILED if any(v.status == "not caught" for v in verdicts) else EXIT_OK

@@ -54,8 +54,8 @@ def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_
                               hint="the spec binds every size itself; edit it to try other sizes")
         from attntrace.analysis.diagnose import find_problems
         from attntrace.analysis.fixes import attach_verified_fixes
+        from attntrace.analysis.run import load as load_spec
         from attntrace.core.plan import plan_from_spec
-        from attntrace.inputs.spec import load_spec
         loaded = load_spec(spec)
         plan = plan_from_spec(loaded)
         diagnoses = find_problems(loaded, plan)
@@ -68,7 +68,7 @@ def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_
                               hint="e.g. attntrace explain-shapes --seq 10 --d-model 512 --heads 8")
         plan = plan_for_flags(seq=seq, d_model=d_model, heads=heads, batch=batch, kv_heads=kv_heads, d_head=d_head,
                               d_v=d_v, seq_k=seq_k, masked=masked, positional=positional, has_w_o=not no_w_o)
-    flow = describe_flow(plan, dtype)
+    flow = describe_flow(plan, dtype or "float64")
     exit_code = EXIT_SHAPE_ERROR if diagnoses else EXIT_OK
     if fmt == "json":
         print_json({"exit_code": exit_code, "flow": flow.to_json(), "diagnoses": [d.to_json() for d in diagnoses]})

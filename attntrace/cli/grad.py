@@ -42,17 +42,21 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     attntrace grad spec.yaml --loss sum_squares --grads V,weights,W_q
     attntrace grad spec.yaml --format json
     """
+    from attntrace.analysis.run import load
     from attntrace.analysis.run import run as run_engine
     from attntrace.cli.run import BUILTIN_EXAMPLE
-    from attntrace.core.backward import backward, match_grads
+    from attntrace.core.backward import backward, match_grads, require_one_layer
+    from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK
     from attntrace.render.output import make_console, print_json
+    loaded = load(spec if spec is not None else BUILTIN_EXAMPLE)
+    sizes = plan_from_spec(loaded)
+    check_selection(sizes, heads=heads, batch=batch)
+    require_one_layer(sizes)            # before the forward pass runs
     # the gradients are those of attention itself: the spec's `hooks:` (ablations, patches) are left out
-    trace = run_engine(spec if spec is not None else BUILTIN_EXAMPLE, keep="all", dtype="float64", spec_hooks=False)
-    plan = trace.plan
+    trace = run_engine(loaded, keep="all", dtype="float64", spec_hooks=False)
     notes = ["the spec's hooks: list is not applied: grad differentiates attention without it"] \
         if trace.spec.hooks else []
-    check_selection(plan, heads=heads, batch=batch)
     grads = backward(trace, loss=loss)
     shown = None
     if grad_names:

@@ -33,8 +33,8 @@ def hooks(spec, width, fmt):
     plan = None
     if spec is not None:
         from attntrace.analysis.diagnose import preflight
+        from attntrace.analysis.run import load as load_spec
         from attntrace.core.plan import plan_from_spec
-        from attntrace.inputs.spec import load_spec
         loaded = load_spec(spec)
         plan = plan_from_spec(loaded)
         preflight(loaded, plan)
@@ -53,7 +53,8 @@ def hooks(spec, width, fmt):
         rows.append(row)
     actions = [{"action": a.name, "argument": a.argument, "what": a.what} for a in ACTIONS.values()]
     if fmt == "json":
-        print_json({"attntrace": 1, "spec": str(spec) if spec else None, "hooks": rows, "actions": actions,
+        print_json({"attntrace": 1, "exit_code": 0, "spec": str(spec) if spec else None, "hooks": rows,
+                    "actions": actions,
                     "action_aliases": ACTION_ALIASES})
         return
     from attntrace.render.hooks_view import render_hooks

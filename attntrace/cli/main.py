@@ -28,6 +28,9 @@ COMMANDS = {
     "check": ("attntrace.cli.check", "check", "Check a hand calculation (`expect:` in a spec)."),
     "diff": ("attntrace.cli.diff", "diff", "Show where two traces first diverge."),
     "grad": ("attntrace.cli.grad", "grad", "Run and verify the backward pass of attention."),
+    "heads": ("attntrace.cli.heads", "heads", "Score every layer × head and rank them (the head finder)."),
+    "import-model": ("attntrace.cli.import_model", "import_model",
+                     "Write a real checkpoint on some text as an editable spec."),
 }
 
 
@@ -122,9 +125,10 @@ def handles_errors(f):
             if os.environ.get("ATTNTRACE_DEBUG"):
                 raise
             from attntrace.errors import Diagnosis
-            if isinstance(exc, MemoryError):
-                diag = Diagnosis("ATT-E010", "not enough memory for this size; try smaller sizes, "
-                                             "--dtype float32, or fewer kept steps (--steps)")
+            if isinstance(exc, MemoryError):    # the estimate said it fits, but the system disagreed
+                diag = Diagnosis("ATT-E020", "the system refused memory during the run (the estimate said it "
+                                             "would fit: other programs may be using it)",
+                                 hint="--chunk N (online softmax over key blocks) needs far less; or float32")
                 _report([diag], fmt, 2)
             diag = Diagnosis("ATT-E999", f"internal error: {type(exc).__name__}: {exc}",
                              hint="this is a bug in attntrace; set ATTNTRACE_DEBUG=1 to see the traceback "

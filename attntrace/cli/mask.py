@@ -91,8 +91,8 @@ def mask(causal, padding, window, prefix, seq, seq_q, seq_k, tokens, convention,
     has_flags = bool(causal or padding_rows or window or prefix)
     traces = None
     if apply_spec is not None:
+        from attntrace.analysis.run import load as load_spec
         from attntrace.core.plan import plan_from_spec
-        from attntrace.inputs.spec import load_spec
         spec = load_spec(apply_spec)
         plan = plan_from_spec(spec)
         queries, keys, batch = plan.size("seq_q"), plan.size("seq_k"), plan.size("batch")

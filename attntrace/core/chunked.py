@@ -581,3 +581,35 @@ def working_bytes(batch: int, heads: int, kv_heads: int, seq_q: int, seq_k: int,
     if traced_rows:
         results += (4 + d_v) * s * batch * heads * traced_rows * (-(-seq_k // kb))
     return {"tile": tile, "working": working, "results": results, "peak": working + results}
+
+
+# --------------------------------------------------------------------------- a spec's mask, block by block
+
+def mask_provider(mask_spec, batch: int, seq_q: int, seq_k: int) -> BlockProvider | None:
+    """The blocks of a spec's mask (causal, window, prefix-LM, padding, an explicit matrix), with
+    attntrace.core.masks' meaning, built per block: no (seq_q × seq_k) matrix is made."""
+    from attntrace.core.masks import from_matrix
+    if mask_spec.is_empty:
+        return None
+    providers = []
+    if mask_spec.prefix:
+        prefix = mask_spec.prefix
+
+        def prefix_block(q_start, q_stop, k_start, k_stop):
+            distance = _distance(q_start, q_stop, k_start, k_stop, seq_q, seq_k)
+            return (distance >= 0) | (np.arange(k_start, k_stop)[None, :] < prefix)
+        providers.append(prefix_block)
+    elif mask_spec.causal:
+        providers.append(causal_keep(seq_q, seq_k))
+    if mask_spec.window:
+        providers.append(window_keep(seq_q, seq_k, mask_spec.window, bool(mask_spec.causal or mask_spec.prefix)))
+    if mask_spec.padding is not None:
+        providers.append(padding_keep(from_matrix(mask_spec.padding.data, mask_spec.convention)))
+    if mask_spec.matrix is not None:
+        explicit = from_matrix(mask_spec.matrix.data, mask_spec.convention)
+        explicit = explicit[None] if explicit.ndim == 2 else explicit         # (batch or 1, q, k)
+
+        def matrix_block(q_start, q_stop, k_start, k_stop):
+            return explicit[:, None, q_start:q_stop, k_start:k_stop]
+        providers.append(matrix_block)
+    return all_keep(*providers)

@@ -16,20 +16,35 @@ block after block; a block's arrays are dropped when the next block starts
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Iterable, Optional, Set, Union
 
 import numpy as np
 
-from attntrace.core import masks, ops, positional
+from attntrace.core import chunked, masks, ops, positional
 from attntrace.core.hooks import HookSet
+from attntrace.core.memory import AUTO_KEEP_ELEMENTS
 from attntrace.core.plan import BlockPlan, Plan, Step
-from attntrace.core.stats import PREVIEW_EDGE, array_stats, preview, row_winners, scaled_stats
+from attntrace.core.stats import (
+    POOL_CELLS,
+    PREVIEW_EDGE,
+    Pooled,
+    Stats,
+    array_stats,
+    pool,
+    preview,
+    row_winners,
+    scaled_stats,
+)
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError
-from attntrace.hookpoints import match_hooks, point_of
+from attntrace.hookpoints import full_name, match_hooks, point_of
 from attntrace.inputs.spec import AttentionSpec, BlockSpec, Spec
 
-AUTO_KEEP_ELEMENTS = 1 << 20     # keep arrays up to 1M values (8 MB) when keep="auto"
+# Below this many flops in its largest step, a run uses one BLAS thread: waking OpenBLAS's other
+# threads for an (8 × 384)·(384 × 1536) product costs more than the product (measured here: 1 ms
+# with one thread, 8 ms with two on a busy machine); big products still get every core.
+ONE_THREAD_FLOPS = 2e8
 
 
 class State:
@@ -45,6 +60,7 @@ class State:
         self.protected: Set[str] = set()                 # kept or hooked: never modified in place
         self.layer: Optional[int] = None
         self.block_output: Optional[np.ndarray] = None   # the previous block's last step
+        self.chunked = None                              # chunked attention's result, for its later steps
 
     # -- the block being run -------------------------------------------------
     def enter(self, layer: int) -> None:
@@ -128,16 +144,51 @@ def step_encoder_embed(state: State) -> np.ndarray:
     return state.cast(_batched(state.spec.encoder.embeddings.data))
 
 
-def step_pos(state: State) -> np.ndarray:
+def _leading_pads(spec: Spec, layer: Optional[int], width: int) -> Optional[np.ndarray]:
+    """(batch,) pads before each item's first real token, from the mask's padding; None without left padding."""
+    mask = spec.attention_of(layer).mask
+    if mask.padding is None:
+        return None
+    keep = masks.from_matrix(mask.padding.data, mask.convention)
+    keep = keep[None] if keep.ndim == 1 else keep
+    lead = positional.leading_pads(keep)
+    return lead if keep.shape[-1] == width and lead.any() else None
+
+
+def token_positions(spec: Spec, plan: Plan, layer: Optional[int] = None):
+    """Query and key positions (batch or 1, seq_q) and (batch or 1, seq_k) for RoPE: the queries
+    are the last seq_q positions (the KV-cache offset of the masks), and a left-padded item
+    counts from its first real token."""
+    q, k = positional.rope_positions(plan.size("seq_q"), plan.size("seq_k"))
+    lead = _leading_pads(spec, layer, len(k))
+    if lead is None:
+        return q[None], k[None]
+    return positional.from_first_real_token(q, lead), positional.from_first_real_token(k, lead)
+
+
+def embedding_positions(spec: Spec, seq: int) -> np.ndarray:
+    """(batch or 1, seq) the rows of a position table each token gets: 0, 1, ... counted
+    from each item's first real token (left padding); cross-attention counts from 0."""
+    pos = np.arange(seq)
+    lead = None if spec.is_cross else _leading_pads(spec, None, seq)
+    return pos[None] if lead is None else positional.from_first_real_token(pos, lead)
+
+
+def add_positions(state: State, rows: np.ndarray) -> np.ndarray:
+    """X + PE[rows] (rows: (batch or 1, seq) positions), plus BERT's token-type rows."""
     pos = state.spec.positional
     x = state["embed"]
     seq, d_model = x.shape[1], x.shape[2]
     table = positional.sinusoidal(seq, d_model, pos.base) if pos.kind == "sinusoidal" else \
         positional.learned(pos.table.data, seq)
-    x = x + state.cast(table)
+    x = x + state.cast(table)[rows]
     if pos.type_table is not None:          # BERT: the segment embedding of each token
         x += state.cast(pos.type_table.data)[np.asarray(pos.type_ids.data, dtype=np.int64)]
     return x
+
+
+def step_pos(state: State) -> np.ndarray:
+    return add_positions(state, embedding_positions(state.spec, state["embed"].shape[1]))
 
 
 def _norm(state: State, norm, x: np.ndarray) -> np.ndarray:
@@ -178,7 +229,7 @@ def step_v(state: State) -> np.ndarray:
 
 
 def _rotate(state: State, key: str) -> np.ndarray:
-    """RoPE on Q or K (batch, seq, heads, d_head); positions with the KV-cache offset of the masks."""
+    """RoPE on Q or K (batch, seq, heads, d_head) at :func:`token_positions`."""
     x = state[key]
     if x.shape[-1] % 2:
         step, plan = state.plan.step("rot_" + key, state.layer), state.plan
@@ -189,7 +240,7 @@ def _rotate(state: State, key: str) -> np.ndarray:
             locations=[loc for loc in (state.spec.positional.location,) if loc is not None],
             hint="use an even d_head (every RoPE model does), or another positional encoding"))
     pos = state.spec.positional
-    q_pos, k_pos = positional.rope_positions(state.plan.size("seq_q"), state.plan.size("seq_k"))
+    q_pos, k_pos = token_positions(state.spec, state.plan, state.layer)
     return positional.rope(x, q_pos if key == "q" else k_pos, pos.base, pos.pairing)
 
 
@@ -252,6 +303,47 @@ def step_out(state: State) -> np.ndarray:
     if att.W_o is None:
         return concat.copy()
     return ops.linear(concat, state.cast(att.W_o.data), state.optional(att.b_o), att.layout)
+
+
+# --------------------------------------------------------------------------- chunked attention
+
+def step_block_max(state: State) -> np.ndarray:
+    """Online softmax over key blocks: z and the traced row's running state in one pass; then the
+    weights' stats block by block (their pooled overview, row sums, winners), never the weights."""
+    plan, block = state.plan, state.block
+    q, k = rotated_q_k(state)
+    b, sq, sk, h = plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"), plan.size("n_heads")
+    bias = chunked.alibi_bias(sq, sk, positional.alibi_slopes(h)) if plan.positional == "alibi" else None
+    result = chunked.chunked_attention(
+        q, k, state["v"], scale=block.scale, keep=chunked.mask_provider(state.attention.mask, b, sq, sk),
+        bias=bias, q_block=block.chunk, k_block=block.chunk, trace_rows=block.chunk_row, stats=True,
+        grid=POOL_CELLS)
+    state.chunked = result
+    return result.trace.running_max
+
+
+def step_block_sum(state: State) -> np.ndarray:
+    return state.chunked.trace.running_sum
+
+
+def step_block_out(state: State) -> np.ndarray:
+    return state.chunked.trace.partial_out
+
+
+def step_chunked_z(state: State) -> np.ndarray:
+    return state.chunked.z
+
+
+def chunked_summary(trace: Trace, step: Step, result) -> None:
+    """What a trace knows of weights it never held: their stats, pooled overview, row sums and winners,
+    filed under the pattern hook of the step's block."""
+    stats = result.stats
+    hook = full_name("attn.hook_pattern", step.layer if trace.plan.named_blocks else None)
+    shape = (trace.plan.size("batch"), trace.plan.size("n_heads"), trace.plan.size("seq_q"), trace.plan.size("seq_k"))
+    trace.stats[hook] = Stats(shape, str(result.z.dtype), float(stats.min), float(stats.max), float(stats.mean))
+    trace.pooled[hook] = Pooled(stats.pooled_max, stats.pooled_mean, stats.row_edges, stats.col_edges)
+    trace.row_sums[hook] = np.asarray(stats.row_sums, dtype=np.float64)
+    trace.winners[hook] = (stats.row_max, stats.row_argmax)
 
 
 # --------------------------------------------------------------------------- block steps
@@ -322,6 +414,7 @@ STEP_FUNCTIONS: Dict[str, StepFn] = {
     "q": step_q, "k": step_k, "v": step_v, "rot_q": step_rot_q, "rot_k": step_rot_k,
     "qk": step_qk, "scaled": step_scaled, "mask": step_mask, "attn_scores": step_attn_scores,
     "pattern": step_pattern, "z": step_z, "z_concat": step_z_concat, "out": step_out,
+    "block_max": step_block_max, "block_sum": step_block_sum, "block_out": step_block_out,
     "resid_mid": step_resid_mid, "ln2": step_ln2, "mlp_pre": step_mlp_pre, "mlp_post": step_mlp_post,
     "mlp_out": step_mlp_out, "resid_post": step_resid_post, "ln_final": step_ln_final,
 }
@@ -356,6 +449,22 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
     after_step(step, array, state, trace): called after each step with the live array,
     before an in-place step may reuse its buffer (checks, the stepper).
     """
+    with _blas_threads(plan):
+        return _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace)
+
+
+def _blas_threads(plan: Plan):
+    """One BLAS thread for small runs (see ONE_THREAD_FLOPS); threadpoolctl, when installed, sets it."""
+    if max((plan.flops(step) for step in plan.steps), default=0) >= ONE_THREAD_FLOPS:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:          # an optional speed-up: without it the run is the same, only slower
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> Trace:
     np_dtype = np.dtype(dtype)
     state = State(spec, plan, np_dtype)
     wanted = keep_set(keep, plan)
@@ -365,7 +474,10 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
     for step in plan.steps:
         if step.layer is not None and step.layer != state.layer:
             state.enter(step.layer)
-        array = functions[step.key](state)
+        function = step_chunked_z if step.key == "z" and state.block.chunk else functions[step.key]
+        array = function(state)
+        if step.key == "block_max":
+            chunked_summary(trace, step, state.chunked)
         array = hookset.fire(step.hook, array)
         state.store(step, array)
         keep_it = step.hook in hookset.hooked or (
@@ -374,8 +486,10 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
             state.protect(step)
             trace.arrays[step.hook] = array
         else:
-            rows, cols, _ = point_of(step.hook).display
-            trace.previews[step.hook] = preview(array, rows, cols, PREVIEW_EDGE)
+            point = point_of(step.hook)
+            trace.previews[step.hook] = preview(array, point.rows, point.cols, PREVIEW_EDGE)
+            if step.key == "pattern" and array.shape[-1] > POOL_CELLS:
+                trace.pooled[step.hook] = pool(array)       # what a long sequence's overview draws
         trace.stats[step.hook] = _step_stats(step, array, state, trace,
                                              standard=step.key not in (overrides or {}) and
                                              step.hook not in hookset.hooked)

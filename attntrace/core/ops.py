@@ -55,6 +55,27 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], layout
     return y
 
 
+# --------------------------------------------------------------------------- precision
+
+def round_to(x: np.ndarray, precision: str) -> np.ndarray:
+    """x rounded to `precision` (float16, bfloat16, float32 or float64), returned in x's own dtype:
+    what storing the numbers in that precision does to them (float16 overflows to ±inf past
+    65504; bfloat16 keeps float32's range with an 8-bit significand, rounded half to even)."""
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):
+        if precision != "bfloat16":
+            return x.astype(np.dtype(precision)).astype(x.dtype)
+        bits = x.astype(np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.where(np.isnan(x), x, rounded.view(np.float32).astype(x.dtype))
+
+
+def holds_exactly(x: np.ndarray, precision: str) -> bool:
+    """Whether every value of x is a number of `precision` (rounding to it changes nothing)."""
+    x = np.asarray(x, dtype=np.float64)
+    return bool(np.array_equal(round_to(x, precision), x, equal_nan=True))
+
+
 # --------------------------------------------------------------------------- norms
 
 

@@ -67,6 +67,8 @@ class BlockPlan:
     mlp: Optional[str] = None            # None | plain | gated
     activation: str = "gelu"
     residual: bool = False
+    chunk: Optional[int] = None          # online softmax over key blocks of this many keys
+    chunk_row: int = -1                  # the query row whose running max, sum and output are traced
 
 
 @dataclass
@@ -108,8 +110,11 @@ class Plan:
         return len(self.blocks)
 
     def size(self, axis: str) -> int:
-        if axis == "1":
+        if axis in ("1", "row"):              # "row": the one query row chunked attention traces
             return 1
+        if axis == "k_block":                 # chunked attention: key blocks of the first chunked block
+            chunk = next((b.chunk for b in self.blocks if b.chunk), None) or self.size("seq_k")
+            return -(-self.size("seq_k") // chunk)
         if axis == "n_heads·d_v":
             return self.size("n_heads") * self.size("d_v")
         return self.dims[axis].size
@@ -155,13 +160,15 @@ class Plan:
             "scaled": (2 if self.positional == "alibi" else 1) * b * h * q * k,   # ALiBi adds a bias
             "attn_scores": b * h * q * k if block.masked else 0,                  # one select per score
             "pattern": 5 * b * h * q * k,          # max, subtract, exp, sum, divide
-            "z": 2 * b * h * q * k * d("d_v"),
+            "z": 0 if block.chunk else 2 * b * h * q * k * d("d_v"),
             "z_concat": 0,
             "out": 2 * tokens * h * d("d_v") * d("d_out") if block.has_w_o else 0,
             "resid_mid": tokens * d("d_model"), "resid_post": tokens * d("d_model"),
             "mlp_pre": (4 if block.mlp == "gated" else 2) * tokens * d("d_model") * mlp_width,
             "mlp_post": 10 * tokens * mlp_width,
             "mlp_out": 2 * tokens * mlp_width * d("d_model"),
+            # chunked: both products and the exponentials, once (the stats pass recomputes the scores)
+            "block_max": (2 * d("d_head") + 2 * d("d_v") + 5) * b * h * q * k, "block_sum": 0, "block_out": 0,
         }
         return per_step[step.key]
 
@@ -188,6 +195,8 @@ def attention_steps(block: BlockPlan, *, cross: bool, positional: str) -> List[S
     if positional == "rope":
         steps += [Step("rot_q", "attn.hook_rot_q", "Q = RoPE(Q)", "(seq_q×d_head) → (seq_q×d_head)", ("Q",)),
                   Step("rot_k", "attn.hook_rot_k", "K = RoPE(K)", "(seq_k×d_head) → (seq_k×d_head)", ("K",))]
+    if block.chunk:
+        return steps + chunked_steps(block, positional)
     scale_title = {"none": "scaled = scores (no scale)"}.get(block.scale_text, f"scaled = scores · {block.scale_text}")
     if positional == "alibi":
         scale_title += " + ALiBi"
@@ -212,6 +221,29 @@ def attention_steps(block: BlockPlan, *, cross: bool, positional: str) -> List[S
              ("concat", "W_o") if block.has_w_o else ("concat",)),
     ]
     return steps
+
+
+def chunked_steps(block: BlockPlan, positional: str) -> List[Step]:
+    """Attention by online softmax over key blocks: the weights are never materialised; the running
+    max m, sum l and output acc of one query row are traced after every block (FlashAttention)."""
+    wt = "ᵀ" if block.layout == "linear" else ""
+    scores = f"s = Q·Kᵀ · {block.scale_text}" + (" + ALiBi" if positional == "alibi" else "") + \
+        (", masked" if block.masked else "")
+    row = "the last query" if block.chunk_row == -1 else f"query {block.chunk_row}"
+    return [
+        Step("block_max", "attn.hook_block_max", f"m = running max of {scores} over blocks of {block.chunk} keys "
+             f"({row})", "(seq_q×seq_k in blocks of k) → (k_blocks)", ("Q", "K")),
+        Step("block_sum", "attn.hook_block_sum", "l = l·e^(m_old − m) + Σ_block e^(s − m)",
+             "(k_blocks)", ("scores",)),
+        Step("block_out", "attn.hook_block_out", "acc = acc·e^(m_old − m) + Σ_block e^(s − m)·V",
+             "(k_blocks×d_v)", ("scores", "V")),
+        Step("z", "attn.hook_z", "z = acc / l (= softmax(s)·V, the weights never held)",
+             "(seq_q×seq_k)·(seq_k×d_v) → (seq_q×d_v), by blocks", ("acc", "l")),
+        Step("z_concat", "attn.hook_z_concat", "concat heads", "(seq_q×n_heads×d_v) → (seq_q×n_heads·d_v)", ("z",)),
+        Step("out", "hook_attn_out", f"out = concat·W_o{wt}" if block.has_w_o else "out = concat (no W_o)",
+             "(seq_q×n_heads·d_v)·(n_heads·d_v×d_out) → (seq_q×d_out)" if block.has_w_o else
+             "(seq_q×n_heads·d_v) → (seq_q×d_out)", ("concat", "W_o") if block.has_w_o else ("concat",)),
+    ]
 
 
 _NORM_NAMES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
@@ -272,12 +304,13 @@ def build_plan(*, batch: Dim, seq_q: Dim, seq_k: Dim, d_model: Dim, n_heads: Dim
                positional: str = "none", scale: float = 1.0, scale_text: str = "1/√d_head",
                has_w_o: bool = True, layout: str = "x_at_w", blocks: Optional[List[BlockPlan]] = None,
                d_mlp: Optional[Dim] = None, embed_norm: Optional[str] = None,
-               final_norm: Optional[str] = None) -> Plan:
+               final_norm: Optional[str] = None, named: Optional[bool] = None) -> Plan:
     """Lay out the steps for the given sizes and options.
 
     Without `blocks`: one attention layer with the given options (short hook names).
-    With `blocks`: transformer blocks (hooks named blocks.L.*)."""
-    named = blocks is not None
+    With `blocks`: transformer blocks (hooks named blocks.L.* unless `named` is False: the one
+    block of a single-attention spec)."""
+    named = blocks is not None if named is None else named
     if blocks is None:
         blocks = [BlockPlan(scale=scale, scale_text=scale_text, layout=layout, masked=masked, has_w_o=has_w_o)]
     steps: List[Step] = [Step("embed", "hook_embed", "X = embeddings", "(seq_q×d_model)")]
@@ -329,13 +362,14 @@ def output_width(weight_shape: Sequence[int], layout: str) -> int:
     return weight_shape[-1] if layout == "x_at_w" else weight_shape[-2]
 
 
-def plan_from_spec(spec) -> Plan:
+def plan_from_spec(spec, chunk: Optional[int] = None, chunk_row: Optional[int] = None) -> Plan:
     """Bind every axis size from the spec's arrays, remembering which field bound it.
 
     Binding never fails: when arrays disagree, the first source wins and
     :func:`attntrace.analysis.diagnose.preflight` reports the conflict against it.
     In a spec of blocks the sizes come from the first block; the diagnosis
-    checks every other block against them.
+    checks every other block against them.  chunk: key blocks for online softmax in
+    every block (0: none, whatever the spec says; None: as the spec says).
     """
     att = spec.attention_of(0)
     where = "blocks[0].attention" if spec.is_model else "attention"
@@ -364,7 +398,7 @@ def plan_from_spec(spec) -> Plan:
         d_out = Dim("d_out", output_width(att.W_o.shape, att.layout), f"W_o {side}", att.W_o.location)
     else:
         d_out = Dim("d_out", att.heads * d_v.size, "n_heads·d_v (no W_o)", loc(where.split(".")))
-    blocks = [block_plan(block, d_head.size) for block in spec.blocks]
+    blocks = [block_plan(block, d_head.size, chunk, chunk_row) for block in spec.blocks]
     d_mlp = None
     mlp = next((b.mlp for b in spec.blocks if b.mlp is not None), None)
     if mlp is not None:
@@ -373,14 +407,14 @@ def plan_from_spec(spec) -> Plan:
                     f"{'columns' if mlp.layout == 'x_at_w' else 'rows (layout: linear)'}", first.location)
     return build_plan(batch=batch, seq_q=seq_q, seq_k=seq_k, d_model=d_model, n_heads=n_heads,
                       n_kv_heads=n_kv_heads, d_head=d_head, d_v=d_v, d_out=d_out, cross=spec.is_cross,
-                      positional=spec.positional.kind, blocks=blocks if spec.is_model else None,
+                      positional=spec.positional.kind, blocks=blocks, named=spec.is_model,
                       scale=blocks[0].scale, scale_text=blocks[0].scale_text, masked=blocks[0].masked,
                       has_w_o=blocks[0].has_w_o, layout=blocks[0].layout, d_mlp=d_mlp,
                       embed_norm=spec.embed_norm.kind if spec.embed_norm else None,
                       final_norm=spec.final_norm.kind if spec.final_norm else None)
 
 
-def block_plan(block, d_head: int) -> BlockPlan:
+def block_plan(block, d_head: int, chunk: Optional[int] = None, chunk_row: Optional[int] = None) -> BlockPlan:
     """The options of one block of a spec (its attention's scale, layout and mask; norms; MLP)."""
     att = block.attention
     if att.scale == "auto":
@@ -394,4 +428,6 @@ def block_plan(block, d_head: int) -> BlockPlan:
                      has_w_o=att.W_o is not None, placement=block.placement,
                      ln1=block.ln1.kind if block.ln1 else None, ln2=block.ln2.kind if block.ln2 else None,
                      mlp=None if mlp is None else ("gated" if mlp.gated else "plain"),
-                     activation=mlp.activation if mlp else "gelu", residual=block.residual)
+                     activation=mlp.activation if mlp else "gelu", residual=block.residual,
+                     chunk=None if chunk == 0 else (chunk or att.chunk),
+                     chunk_row=-1 if chunk_row is None else chunk_row)

@@ -66,19 +66,26 @@ def rope_pairs(d_head: int, pairing: str = "half") -> Tuple[np.ndarray, np.ndarr
 
 
 def rope_angles(pos: np.ndarray, d_head: int, base: float = 10000.0) -> np.ndarray:
-    """(seq, d_head/2) rotation angles pos · theta_i."""
-    return np.asarray(pos, dtype=np.float64)[:, None] * rope_frequencies(d_head, base)[None, :]
+    """(..., d_head/2) rotation angles pos · theta_i, for positions of any shape ((seq,) or (batch, seq))."""
+    return np.asarray(pos, dtype=np.float64)[..., None] * rope_frequencies(d_head, base)
 
 
 def rope(x: np.ndarray, pos: np.ndarray, base: float = 10000.0, pairing: str = "half") -> np.ndarray:
-    """Rotate x (batch, seq, heads, d_head) at positions `pos` (seq,); d_head must be even.
+    """Rotate x (batch, seq, heads, d_head) at positions `pos`, (seq,) or per item (batch or 1, seq);
+    d_head must be even.
 
     For each pair (a, b) at angle t: a' = a·cos t − b·sin t, b' = a·sin t + b·cos t.
     """
-    d_head = x.shape[-1]
-    first, second = rope_pairs(d_head, pairing)
-    angles = rope_angles(pos, d_head, base)[None, :, None, :]       # (1, seq, 1, d_head/2)
-    cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
+    pos = np.asarray(pos)
+    angles = rope_angles(pos if pos.ndim == 2 else pos[None], x.shape[-1], base)[:, :, None, :]   # (b, seq, 1, d/2)
+    return rotate_pairs(x, np.cos(angles), np.sin(angles), pairing)
+
+
+def rotate_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pairing: str = "half") -> np.ndarray:
+    """The RoPE rotation of x (batch, seq, heads, d_head) by given cos/sin tables (broadcasting to
+    (batch, seq, heads, d_head/2)), in x's dtype."""
+    first, second = rope_pairs(x.shape[-1], pairing)
+    cos, sin = np.asarray(cos).astype(x.dtype), np.asarray(sin).astype(x.dtype)
     a, b = x[..., first], x[..., second]
     out = np.empty_like(x)
     out[..., first] = a * cos - b * sin
@@ -90,6 +97,22 @@ def rope_positions(seq_q: int, seq_k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Query and key positions for RoPE, with the KV-cache offset of the masks."""
     q, k = mask_positions(seq_q, seq_k)
     return q[:, 0], k[0]
+
+
+def leading_pads(keep: np.ndarray) -> np.ndarray:
+    """(batch,) how many padding tokens come before each item's first real token
+    (keep: (batch, seq), True = a real token; an item of padding only counts 0)."""
+    keep = np.asarray(keep, dtype=bool)
+    return np.where(keep.any(axis=-1), keep.argmax(axis=-1), 0)
+
+
+def from_first_real_token(pos: np.ndarray, lead: np.ndarray) -> np.ndarray:
+    """Positions (seq,) of every item counted from its first real token: (batch, seq).
+
+    With left padding (lead pads first) the first real token is position 0, as the
+    same text alone would be, and as transformers' generate() builds position_ids;
+    the pads before it get position 0 (they are masked out as keys)."""
+    return np.maximum(np.asarray(pos)[None, :] - np.asarray(lead)[:, None], 0)
 
 
 # --------------------------------------------------------------------------- ALiBi

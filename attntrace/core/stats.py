@@ -138,3 +138,36 @@ def row_winners(pattern: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 
+
+
+POOL_CELLS = 48          # a pooled overview of a long sequence: at most this many cells a side
+
+
+@dataclass
+class Pooled:
+    """A score-shaped array reduced to a grid of token ranges: what a long sequence's overview shows."""
+
+    max: np.ndarray               # (..., R, C) block maximum
+    mean: np.ndarray              # (..., R, C) block mean
+    row_edges: np.ndarray         # R + 1 boundaries: cell r covers rows row_edges[r] .. row_edges[r+1]-1
+    col_edges: np.ndarray
+
+
+def grid_edges(n: int, cells: int) -> np.ndarray:
+    """Boundaries of `cells` (or n, if smaller) nearly equal ranges covering 0..n."""
+    return np.unique(np.linspace(0, n, min(n, cells) + 1).round().astype(np.int64))
+
+
+def pool(array: np.ndarray, cells: int = POOL_CELLS) -> Pooled:
+    """Block max and mean over the last two axes (finite values; weights are), a band of rows at a
+    time: the temporaries stay one band of the array, not its size."""
+    rows, cols = grid_edges(array.shape[-2], cells), grid_edges(array.shape[-1], cells)
+    lead = array.shape[:-2]
+    block_max = np.empty(lead + (len(rows) - 1, len(cols) - 1), dtype=array.dtype)
+    block_sum = np.empty(block_max.shape, dtype=np.float64)
+    for r in range(len(rows) - 1):
+        band = array[..., rows[r]:rows[r + 1], :]
+        block_max[..., r, :] = np.maximum.reduceat(band.max(axis=-2), cols[:-1], axis=-1)
+        block_sum[..., r, :] = np.add.reduceat(band.sum(axis=-2, dtype=np.float64), cols[:-1], axis=-1)
+    sizes = np.diff(rows)[:, None] * np.diff(cols)[None, :]
+    return Pooled(block_max, block_sum / sizes, rows, cols)

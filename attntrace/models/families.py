@@ -37,7 +37,7 @@ bfloat16 checkpoints are computed in float32 by default (``stored_dtypes`` says 
 the file holds); float64 on request.
 
 :meth:`ModelWeights.check_consistency` makes silent mistakes loud (codes ATT-E328..E334,
-warnings ATT-W300..W302); :func:`load_model` runs it and raises the errors together.
+warnings ATT-I300..W302); :func:`load_model` runs it and raises the errors together.
 """
 from __future__ import annotations
 
@@ -170,9 +170,9 @@ class BertMap(FamilyMap):
     prefixes = ("", "bert.")
     embed_name = "embeddings.word_embeddings.weight"
     buffers = (r"embeddings\.position_ids", r"embeddings\.token_type_ids")
-    heads = {r"(bert\.)?pooler\..*": ("ATT-W300", "the pooler (tanh layer on [CLS]) is not part of the encoder "
+    heads = {r"(bert\.)?pooler\..*": ("ATT-I300", "the pooler (tanh layer on [CLS]) is not part of the encoder "
                                                   "stack; not used"),
-             r"cls\..*": ("ATT-W301", "pre-training heads (cls.*: masked-LM / next-sentence) are not used")}
+             r"cls\..*": ("ATT-I301", "pre-training heads (cls.*: masked-LM / next-sentence) are not used")}
 
     def global_refs(self) -> List[TensorRef]:
         return [TensorRef("embed", (self.p(self.embed_name),), ("vocab", "d_model")),
@@ -585,7 +585,8 @@ class _Checker:
             elif known[0]:
                 notes.setdefault(known, []).append(name)
         for (code, note), names in notes.items():
-            self.diagnoses.append(Diagnosis(code=code, severity="warning", message=note, details=_listed(names)))
+            self.diagnoses.append(Diagnosis(code=code, severity="info" if code.startswith("ATT-I") else "warning",
+                                            message=note, details=_listed(names)))
         if unused:
             self.diagnoses.append(Diagnosis(
                 code="ATT-E329", message=f"{len(unused)} tensor(s) in the checkpoint are used by no part of the "

@@ -12,15 +12,20 @@ _STATUS_STYLE = {"caught": "green", "cannot show": "dim", "not caught": "bold re
 
 
 def catalogue_table(bugs) -> Table:
-    """One bug per row: name, then what it does and, dimmed, what it replaces, catches it, needs."""
+    """One bug per row: name, then what it does, where it was seen, and, dimmed, what it replaces,
+    what catches it, when it can show and how to fix it."""
     table = Table(box=None, pad_edge=False, header_style="bold", show_lines=False, padding=(0, 2, 1, 0))
     table.add_column("bug", no_wrap=True)
-    table.add_column("what it does · replaces · caught by · can show when", overflow="fold")
+    table.add_column("what it does · seen in · replaces · caught by · can show when · fix", overflow="fold")
     for bug in bugs:
-        table.add_row(Text(bug.name, style="bold cyan"), Text.assemble(
-            bug.description, "\n",
-            (f"replaces {', '.join(bug.steps)} · caught by {', '.join(bug.caught_by)} · "
-             f"shows when {bug.needs}", "dim")))
+        parts = [bug.description, "\n"]
+        if bug.seen_in:
+            parts += [("seen in ", "dim"), (", ".join(bug.seen_in), "yellow"), "\n"]
+        parts.append((f"replaces {', '.join(bug.steps)} · caught by {', '.join(bug.caught_by)} · "
+                      f"shows when {bug.needs}", "dim"))
+        if bug.fix:
+            parts += ["\n", ("fix ", "dim"), (bug.fix, "green")]
+        table.add_row(Text(bug.name, style="bold cyan"), Text.assemble(*parts))
     return table
 
 
@@ -28,10 +33,14 @@ def verdict_panel(verdict) -> Panel:
     bug = verdict.bug
     colour = _STATUS_STYLE[verdict.status]
     lines = [Text.assemble(("injected  ", "bold"), (bug.name, "bold cyan"), f" — {bug.description}"),
-             Text.assemble(("replaces  ", "dim"), ", ".join(bug.steps)),
-             Text.assemble(("verdict   ", "bold"), (verdict.summary(), colour))]
+             Text.assemble(("replaces  ", "dim"), ", ".join(bug.steps))]
+    if bug.seen_in:
+        lines.append(Text.assemble(("seen in   ", "dim"), (", ".join(bug.seen_in), "yellow")))
+    lines.append(Text.assemble(("verdict   ", "bold"), (verdict.summary(), colour)))
     for d in verdict.shape_error + verdict.caught:
         lines.append(Text(f"  {d.code} ({d.severity}) at step {d.step}" if d.step else f"  {d.code}", style="dim"))
+    if verdict.fix_summary():
+        lines.append(Text.assemble(("fix       ", "bold"), verdict.fix_summary()))
     return Panel(Group(*lines), title="--inject", title_align="left", border_style=colour.split()[-1], expand=False)
 
 

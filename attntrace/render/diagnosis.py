@@ -1,18 +1,21 @@
 """Diagnoses as rich panels: headline, rule, operand table, bindings, fixes."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from attntrace.hookpoints import split_name
+from attntrace.text import ranges
 
-def diagnosis_panel(d) -> Panel:
-    error = d.severity == "error"
-    colour = "red" if error else "yellow"
+
+def diagnosis_panel(d, also: str = "") -> Panel:
+    colour = {"error": "red", "warning": "yellow"}.get(d.severity, "blue")
     # the headline: `ATT-E101 shape mismatch in step 4/10 'scores = Q·Kᵀ': ...`
     head, _, rest = d.message.partition(": ")
     if not (d.step and rest and d.step in head):
@@ -63,10 +66,47 @@ def diagnosis_panel(d) -> Panel:
         parts.append(Text.assemble(("fix  ", "green bold"), fix))
     if d.hint:
         parts.append(Text.assemble(("hint ", "cyan bold"), d.hint))
-    title = "error" if error else "warning"
+    title = d.severity if d.severity in ("error", "warning") else "note"
     if d.hook:
         title += f" · {d.hook}"
+    title += also
     return Panel(Group(*parts), title=title, title_align="left", border_style=colour, expand=False)
+
+
+_HEAD = re.compile(r"\bhead (\d+)")
+
+
+def grouped(diagnoses) -> List[Tuple[object, int, List[int], List[int]]]:
+    """Repeated findings told once: (first diagnosis, how many, heads, layers) for each code and
+    hook point, so twelve heads with the same warning read "ATT-W203 on heads 0–11"."""
+    groups: Dict[Tuple, List] = {}
+    for d in diagnoses:
+        layer, local = split_name(d.hook) if d.hook else (None, None)
+        groups.setdefault((d.code, d.severity, local, d.message if local is None else ""), []).append(d)
+    out = []
+    for members in groups.values():
+        heads = sorted({h for d in members for h in ([d.head] if d.head is not None else
+                                                     [int(m) for m in _HEAD.findall(d.message)])})
+        layers = sorted({split_name(d.hook)[0] for d in members if d.hook and split_name(d.hook)[0] is not None})
+        out.append((members[0], len(members), heads, layers))
+    return out
+
+
+def group_title(count: int, heads: List[int], layers: List[int]) -> str:
+    if count < 2:
+        return ""
+    where = []
+    if len(heads) > 1:
+        where.append(f"heads {ranges(heads)}")
+    if len(layers) > 1:
+        where.append(f"layers {ranges(layers)}")
+    return f" · ×{count}" + (f" on {' in '.join(where)}" if where else "")
+
+
+def note_line(d) -> Text:
+    """An information note (ATT-Ixxx) on one line: what and, briefly, which."""
+    which = f" ({', '.join(d.details[:3])}{' …' if len(d.details) > 3 else ''})" if d.details else ""
+    return Text.assemble(("note ", "blue bold"), (d.code + " ", "blue"), (d.message + which, "dim"))
 
 
 def render_diagnoses(console, diagnoses) -> None:

@@ -1,4 +1,4 @@
-"""`--export FILE`: the rendered trace (.svg .html .txt) or its data (.json .npz).
+"""`--export FILE`: the rendered trace (.svg .txt), the offline HTML explorer (.html), or its data (.json .npz).
 
 Every file is written atomically: into a temporary file in the same folder,
 then moved over the target with ``os.replace``, so a reader never sees half a
@@ -22,12 +22,17 @@ import numpy as np
 
 from attntrace.inputs.files import DATA_SUFFIXES, atomic_write
 
-RENDERED = {".svg": "svg", ".html": "html", ".txt": "text"}    # suffix -> rich export
+RENDERED = {".svg": "svg", ".txt": "text"}    # suffix -> rich export (.html is the explorer)
 META_KEYS = ("__name__", "__tokens__", "__key_tokens__", "__hooks__")
 
 
 def wants_data(paths: Iterable[Path]) -> bool:
     return any(Path(p).suffix.lower() in DATA_SUFFIXES for p in paths)
+
+
+def wants_patterns(paths: Iterable[Path]) -> bool:
+    """The explorer draws every layer's weights: they must be kept."""
+    return any(Path(p).suffix.lower() == ".html" for p in paths)
 
 
 def write_rendered(path: Path, render: Callable[[Any], None], width: Optional[int] = None) -> None:
@@ -39,8 +44,6 @@ def write_rendered(path: Path, render: Callable[[Any], None], width: Optional[in
     kind = RENDERED[Path(path).suffix.lower()]
     if kind == "svg":
         text = console.export_svg(title=f"attntrace · {Path(path).stem}")
-    elif kind == "html":
-        text = console.export_html(inline_styles=True)
     else:
         text = console.export_text(styles=False)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
@@ -54,7 +57,7 @@ def write_data(path: Path, trace, extra: Optional[dict] = None) -> None:
         return
     from attntrace.render.json_view import trace_to_json
     from attntrace.render.output import jsonable
-    document = dict(trace_to_json(trace, 0, values_limit=float("inf")), **(extra or {}))
+    document = dict(trace_to_json(trace, 0, values="full"), **(extra or {}))
     text = json.dumps(jsonable(document), ensure_ascii=False, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -76,7 +79,10 @@ def export_all(targets: Iterable[Path], trace, render: Callable[[Any], None], ex
     """Write every --export target; returns them (for a "wrote ..." line)."""
     written = []
     for path in targets:
-        if Path(path).suffix.lower() in RENDERED:
+        if Path(path).suffix.lower() == ".html":
+            from attntrace.render.trace_explorer import write_trace_explorer
+            write_trace_explorer(path, trace)
+        elif Path(path).suffix.lower() in RENDERED:
             write_rendered(path, render, width)
         else:
             write_data(path, trace, extra)

@@ -76,11 +76,38 @@ class MatrixView:
     value_range: Optional[tuple] = None   # colour scale; default the shown values' range
     row_sums: Optional[np.ndarray] = None
     row_top: Optional[Sequence[str]] = None   # per row "0.97 → C"
+    pooled: Optional[str] = None              # "max" | "mean": values are a grid over token ranges
+    row_edges: Optional[np.ndarray] = None    # pooled: cell r covers rows row_edges[r] .. row_edges[r+1]-1
+    col_edges: Optional[np.ndarray] = None
 
 
 def _gap_after(indices: np.ndarray, position: int) -> bool:
     """True where elided rows/columns sit between this index and the next shown one."""
     return position + 1 < len(indices) and indices[position + 1] != indices[position] + 1
+
+
+def _skipped(indices: np.ndarray, position: int) -> int:
+    return int(indices[position + 1] - indices[position] - 1)
+
+
+def _row_gap(indices: np.ndarray, position: int) -> Text:
+    """The line where rows were left out: a visible gap that says how many, never a silent jump."""
+    n = _skipped(indices, position)
+    return Text(f"⋯ {n} token{'s' if n != 1 else ''} ⋯ ({indices[position] + 1}–{indices[position + 1] - 1} "
+                "not shown)", style="dim italic")
+
+
+def shown_ranges(indices: np.ndarray, total: int) -> str:
+    """"0–3, 41–44 of 45": which positions a view shows (all of them: "all 45")."""
+    if len(indices) == total:
+        return f"all {total}"
+    parts, start = [], int(indices[0])
+    for a, b in zip(indices, list(indices[1:]) + [None]):
+        if b is None or b != a + 1:
+            parts.append(f"{start}–{int(a)}" if a != start else str(start))
+            if b is not None:
+                start = int(b)
+    return f"{', '.join(parts)} of {total}"
 
 
 class Block:
@@ -114,7 +141,7 @@ def matrix_block(view: MatrixView, precision: int) -> Block:
     for j, label in enumerate(view.col_labels):
         header.append(Text(label, style="bold"))
         if _gap_after(view.cols, j):
-            header.append(Text("…", style="dim"))
+            header.append(Text(f"⋯{_skipped(view.cols, j)}⋯", style="dim"))
     if view.row_sums is not None:
         header.append(Text("Σ", style="bold dim"))
     if view.row_top is not None:
@@ -134,8 +161,9 @@ def matrix_block(view: MatrixView, precision: int) -> Block:
             cells.append(Text(view.row_top[i], style="dim"))
         rows.append(cells)
         if _gap_after(view.rows, i):
-            rows.append([Text("⋮", style="dim") for _ in cells])
-    widths = [max(row[c].cell_len for row in [header] + rows) for c in range(len(header))]
+            rows.append(_row_gap(view.rows, i))
+    widths = [max(row[c].cell_len for row in [header] + rows if not isinstance(row, Text))
+              for c in range(len(header))]
     last_text_column = len(header) - 1 if view.row_top is not None else None
 
     def lay(cells: List[Text]) -> Text:
@@ -151,7 +179,7 @@ def matrix_block(view: MatrixView, precision: int) -> Block:
     lines = [Text(view.title, style="bold")] if view.title else []
     lines.append(lay(header))
     lines.append(Text("─" * (sum(widths) + 2 * (len(widths) - 1)), style="dim"))
-    lines.extend(lay(row) for row in rows)
+    lines.extend(row if isinstance(row, Text) else lay(row) for row in rows)
     return Block(lines)
 
 
@@ -197,17 +225,114 @@ def shade(value: float, lo: float, hi: float) -> str:
     return _SHADES[min(int(t * len(_SHADES)), len(_SHADES) - 1)] * 2
 
 
-def heatmap_block(view: MatrixView) -> Block:
-    """A compact heatmap: two block characters a cell, row labels (seed 004's grid)."""
+LABEL_LINES = 4          # key labels are written downwards above a heatmap's columns, this many letters
+
+
+def _downwards(labels: Sequence[str], lines: int = LABEL_LINES) -> List[List[str]]:
+    """Each label as a column of characters (two cells wide each), cut with … past `lines`."""
+    columns = []
+    for label in labels:
+        chars = [c for c in str(label) if c.strip()] or ["·"]
+        if len(chars) > lines:
+            chars = chars[:lines - 1] + ["…"]
+        columns.append(chars + [""] * (lines - len(chars)))
+    return columns
+
+
+def _cell(text: str) -> str:
+    return text + " " * max(0, 2 - Text(text).cell_len)
+
+
+def _range_label(edges: np.ndarray, r: int) -> str:
+    first, last = int(edges[r]), int(edges[r + 1]) - 1
+    return str(first) if first == last else f"{first}–{last}"
+
+
+def pooled_block(view: MatrixView) -> Block:
+    """The overview of a long sequence: each cell the block max (or mean) over a range of queries
+    and keys; rows labelled with their token ranges, a ruler of key positions above."""
     values = view.values.astype(np.float64)
     finite = values[np.isfinite(values)]
     lo, hi = view.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
-    label_width = max(Text(label).cell_len for label in view.row_labels)
+    row_labels = [_range_label(view.row_edges, r) for r in range(values.shape[0])]
+    label_width = max(len(label) for label in row_labels)
+    q_span = int(np.diff(view.row_edges).max())
+    k_span = int(np.diff(view.col_edges).max())
     lines = [Text(view.title, style="bold")] if view.title else []
-    for i, label in enumerate(view.row_labels):
+    lines.append(Text(f"pooled: each cell is the block {view.pooled} over up to {q_span} queries × {k_span} keys "
+                      f"(queries 0–{view.full_rows - 1}, keys 0–{view.full_cols - 1}; --full for every cell)",
+                      style="dim"))
+    ruler = Text(" " * (label_width + 1), style="dim")
+    position = 0
+    for c in range(values.shape[1]):
+        if c * 2 >= position:
+            mark = str(int(view.col_edges[c]))
+            ruler.append(mark + " " * max(0, 8 - len(mark)), style="dim")
+            position = c * 2 + max(8, len(mark))
+    lines.append(Text(ruler.plain[:label_width + 1 + 2 * values.shape[1] + 8].rstrip(), style="dim"))
+    for r, label in enumerate(row_labels):
+        line = Text(label.rjust(label_width) + " ", style="bold")
+        for c in range(values.shape[1]):
+            v = float(values[r, c])
+            line.append(shade(v, lo, hi), style=heat_style(v, lo, hi, view.diverging))
+        lines.append(line)
+    return Block(lines)
+
+
+def column_pages(view: MatrixView, width: int, compact: bool, precision: int) -> List[MatrixView]:
+    """--full: a matrix wider than the terminal split into pages of whole columns ("columns 0–11 of 45")."""
+    import dataclasses
+    label = max((Text(str(r)).cell_len for r in view.row_labels), default=0) + 6
+    per_column = 2 if compact else precision + 8
+    extra = 0 if compact else 2 * (precision + 6)          # Σ and max → beside numbers
+    fit = max(1, (width - label - extra) // per_column)
+    if view.pooled or len(view.cols) <= fit:
+        return [view]
+    pages = []
+    for start in range(0, len(view.cols), fit):
+        cut = slice(start, start + fit)
+        cols = view.cols[cut]
+        title = f"{view.title} · " if view.title else ""
+        pages.append(dataclasses.replace(view, values=view.values[:, cut], col_labels=list(view.col_labels)[cut],
+                                         cols=cols, title=f"{title}keys {int(cols[0])}–{int(cols[-1])} of "
+                                                          f"{view.full_cols}"))
+    return pages
+
+
+def heatmap_block(view: MatrixView) -> Block:
+    """A compact heatmap: two block characters a cell, the query tokens down the side, the key
+    tokens written downwards on top, and a visible, counted gap wherever rows or columns were left
+    out (never a silent jump from the last shown column to a later token)."""
+    if view.pooled:
+        return pooled_block(view)
+    values = view.values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = view.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+    elided = len(view.rows) < view.full_rows or len(view.cols) < view.full_cols
+    row_labels = [f"{int(r)} {label}" if elided else str(label) for r, label in zip(view.rows, view.row_labels)]
+    label_width = max(Text(label).cell_len for label in row_labels)
+    lines = [Text(view.title, style="bold")] if view.title else []
+    if elided:
+        lines.append(Text(f"queries {shown_ranges(view.rows, view.full_rows)} · keys "
+                          f"{shown_ranges(view.cols, view.full_cols)}", style="dim"))
+    downwards = _downwards(view.col_labels)
+    for k in range(LABEL_LINES):
+        if not any(column[k] for column in downwards):
+            break
+        line = Text(" " * (label_width + 1), style="dim")
+        for j, column in enumerate(downwards):
+            line.append(_cell(column[k]), style="dim")
+            if _gap_after(view.cols, j):
+                line.append("⋯" if k == 0 else " ", style="dim")
+        lines.append(line)
+    for i, label in enumerate(row_labels):
         line = Text(label + " " * (label_width - Text(label).cell_len + 1), style="bold")
         for j in range(values.shape[1]):
             v = float(values[i, j])
             line.append(shade(v, lo, hi), style=heat_style(v, lo, hi, view.diverging))
+            if _gap_after(view.cols, j):
+                line.append("┆", style="dim")
         lines.append(line)
+        if _gap_after(view.rows, i):
+            lines.append(Text(" " * (label_width + 1)) + _row_gap(view.rows, i))
     return Block(lines)

@@ -1,6 +1,7 @@
 """A trace for people: each step with its formula, named shape, range and matrices."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -10,10 +11,10 @@ from rich.panel import Panel
 from rich.rule import Rule
 from rich.text import Text
 
-from attntrace.core.stats import edge_indices
+from attntrace.core.stats import POOL_CELLS, edge_indices, pool
 from attntrace.hookpoints import point_of, split_name
-from attntrace.render.diagnosis import diagnosis_panel
-from attntrace.render.matrix import MatrixView, fmt_number, heatmap_block, matrix_block, side_by_side
+from attntrace.render.diagnosis import diagnosis_panel, group_title, grouped, note_line
+from attntrace.render.matrix import MatrixView, column_pages, fmt_number, heatmap_block, matrix_block, side_by_side
 
 SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
 
@@ -21,12 +22,16 @@ SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "att
 @dataclass
 class ViewOptions:
     steps: Optional[Sequence[str]] = None    # hook names to show; None = all
+    layers: Optional[Sequence[int]] = None   # blocks to show; None = all (the embeddings are always shown)
     heads: Optional[Sequence[int]] = None    # head indices to show; None = all
     batch: Optional[int] = None              # batch item; None = all when few
     precision: int = 4
     heatmap: Optional[bool] = None           # compact block heatmaps; None = when many panels
     max_rows: int = 12                       # beyond this, elide like numpy (edge rows each side)
     edge: int = 4
+    full: bool = False                       # every row and column (columns paged to the width)
+    max_cells: Optional[int] = None          # cells one matrix may show (default 12×12 numbers, 48×48 heat)
+    pool: str = "max"                        # a long sequence's overview: block max or mean
     max_batch_shown: int = 4
     max_heads_shown: int = 4                 # per-head vectors (Q, K, V, z); scores show every head
     signed: bool = False                     # gradients: every matrix signed (diverging colours, own range)
@@ -64,18 +69,36 @@ def _axis_labels(trace, hook: str, axis_name: str, indices: np.ndarray) -> List[
     return [f"{short}{i}" for i in indices]
 
 
-def _matrices(trace, hook: str, options: ViewOptions):
-    """Yield (title, MatrixView) for every batch item and head shown."""
+def _side(options: ViewOptions, compact: bool) -> int:
+    """How many rows (and columns) a matrix shows before eliding: from --max-cells, else the default."""
+    default = POOL_CELLS if compact else options.max_rows
+    return max(2, int(options.max_cells ** 0.5)) if options.max_cells else default
+
+
+def _shown(n: int, side: int, full: bool, edge: int) -> np.ndarray:
+    """All indices, or the first and last `edge` (numpy's way) when there are more than `side`."""
+    return np.arange(n) if full or n <= side else edge_indices(n, edge)
+
+
+def _matrices(trace, hook: str, options: ViewOptions, compact: bool = False):
+    """Yield a MatrixView for every batch item and head shown (pooled for a long sequence's heatmap)."""
     plan = trace.plan
     step = plan.step_for_hook(hook)
     row_axis, col_axis, head_axis = point_of(hook).display
     full = trace.arrays.get(hook)
+    pooled = None
     if full is not None:
         n_rows, n_cols = full.shape[row_axis], full.shape[col_axis]
-        rows = edge_indices(n_rows, options.edge) if n_rows > options.max_rows else np.arange(n_rows)
-        cols = edge_indices(n_cols, options.edge) if n_cols > options.max_rows else np.arange(n_cols)
+        side = _side(options, compact)
+        if compact and not options.full and max(n_rows, n_cols) > side and (row_axis, col_axis) == (2, 3) \
+                and np.isfinite(full).all():
+            pooled = pool(full, side)
+        edge = side // 2 if options.max_cells else options.edge
+        rows = _shown(n_rows, side, options.full, edge)
+        cols = _shown(n_cols, side, options.full, edge)
         data = np.take(np.take(full, rows, axis=row_axis), cols, axis=col_axis)
     else:
+        pooled = trace.pooled.get(hook) if compact and not options.full else None
         pv = trace.previews[hook]
         rows, cols, data, n_rows, n_cols = pv.rows, pv.cols, pv.values, pv.full_rows, pv.full_cols
     batch = data.shape[0]
@@ -122,6 +145,12 @@ def _matrices(trace, hook: str, options: ViewOptions):
                               full_rows=n_rows, full_cols=n_cols, title=" · ".join(title_bits),
                               diverging=options.signed or local not in ("attn.hook_pattern", "attn.hook_mask"),
                               value_range=(0.0, 1.0) if is_pattern else None)
+            if pooled is not None:
+                grid = (pooled.max if options.pool == "max" else pooled.mean)[b, h]
+                view = dataclasses.replace(view, values=grid, pooled=options.pool,
+                                           row_edges=pooled.row_edges, col_edges=pooled.col_edges)
+                yield view
+                continue
             if is_pattern and hook in trace.winners:
                 top_w, top_k = trace.winners[hook]
                 key_labels = _labels(trace.spec.key_tokens, top_k[b, h, rows])
@@ -156,16 +185,29 @@ def step_renderable(trace, step, options: ViewOptions, width: int = 120):
             _stats_line(trace, hook, options.precision)]
     if split_name(hook)[1] == "attn.hook_scaled":
         body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
-    body.extend(matrix_grid(list(_matrices(trace, hook, options)), hook, options, width,
-                            "heatmaps: ░ low … █ high (--values for numbers, --head N for one head)"))
+    compact = _compact(trace, hook, options)
+    body.extend(matrix_grid(list(_matrices(trace, hook, options, compact)), hook, options, width,
+                            "heatmaps: ░ low … █ high (--values for numbers, --head N for one head)", compact))
     return Group(*body)
 
 
-def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str) -> list:
-    """The matrices of one step laid out as a grid: numbers, or compact heatmaps when
-    asked for or when a score step has more than two panels."""
-    compact = options.heatmap if options.heatmap is not None else (
-        split_name(hook)[1] in SCORE_HOOKS and len(views) > 2)
+def _compact(trace, hook: str, options: ViewOptions) -> bool:
+    """Heatmaps when asked for, or for a score step with more than two panels or a long sequence."""
+    if options.heatmap is not None:
+        return options.heatmap
+    if split_name(hook)[1] not in SCORE_HOOKS:
+        return False
+    shape = trace.stats[hook].shape
+    heads = len(options.heads) if options.heads else shape[1]
+    items = 1 if options.batch is not None else min(shape[0], options.max_batch_shown)
+    return heads * items > 2 or shape[-1] > 2 * options.max_rows
+
+
+def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str, compact: bool = False) -> list:
+    """The matrices of one step laid out as a grid: numbers or compact heatmaps; with --full,
+    matrices wider than the terminal are paged by columns."""
+    if options.full:
+        views = [page for view in views for page in column_pages(view, width, compact, options.precision)]
     blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
     if not blocks:
         return []
@@ -184,19 +226,29 @@ def header_renderable(trace) -> Panel:
     if spec.is_cross:
         enc = " ".join(spec.key_tokens[:32]) + (" …" if len(spec.key_tokens) > 32 else "")
         lines.append(Text.assemble(("encoder tokens ", "dim"), enc))
+    first = spec.attention_of(0)
     lines.append(Text.assemble(("scale ", "dim"), f"{plan.scale_text} = {plan.scale:.6g}",
-                               ("   mask ", "dim"), spec.attention.mask.describe(),
+                               ("   mask ", "dim"), first.mask.describe(),
                                ("   positional ", "dim"), spec.positional.kind,
-                               ("   layout ", "dim"), spec.attention.layout,
+                               ("   layout ", "dim"), first.layout,
                                ("   dtype ", "dim"), trace.dtype))
+    if spec.is_model:
+        block = plan.blocks[0]
+        mlp = f"{block.mlp} MLP ({block.activation})" if block.mlp else "no MLP"
+        norms = f"{block.placement}-norm ({block.ln1 or block.ln2})" if (block.ln1 or block.ln2) else "no norms"
+        lines.append(Text.assemble(("blocks ", "dim"), f"{plan.n_blocks} × [attention, {mlp}, {norms}"
+                                   + (", residual]" if block.residual else "]")))
     return Panel(Group(*lines), title=f"attntrace · {spec.name}", title_align="left", expand=False)
 
 
 def render_trace(console, trace, options: ViewOptions) -> None:
     console.print(header_renderable(trace))
     shown = set(options.steps) if options.steps is not None else None
+    layers = options.layers if options.layers is not None else trace.spec.shown_layers
     for step in trace.plan.steps:
         if shown is not None and step.hook not in shown:
+            continue
+        if layers is not None and step.layer is not None and trace.plan.named_blocks and step.layer not in layers:
             continue
         console.print(Rule(style="dim"))
         console.print(step_renderable(trace, step, options, console.width))
@@ -209,7 +261,10 @@ def render_trace(console, trace, options: ViewOptions) -> None:
 def render_checks(console, trace) -> None:
     for line in trace.checks_passed:
         console.print(Text.assemble(("✓ ", "green bold"), line))
-    for d in trace.diagnoses:
-        console.print(diagnosis_panel(d))
-    if not trace.diagnoses:
+    for d, count, heads, layers in grouped(trace.diagnoses):
+        if d.severity == "info":          # a note: one quiet line, not a panel
+            console.print(note_line(d))
+        else:
+            console.print(diagnosis_panel(d, group_title(count, heads, layers)))
+    if not any(d.severity != "info" for d in trace.diagnoses):
         console.print(Text("no warnings", style="green"))
