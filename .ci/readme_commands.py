@@ -34,7 +34,7 @@ COMMAND = re.compile(r"^(?:\$ )?(attntrace|python -m attntrace)(\s|$)")
 #   command (without its # comment) -> (exit code, text the output must contain, where the README says so)
 # The text tells the documented failure apart from another one with the same code (a missing file is exit 2 too).
 EXPECTED_EXIT = {
-    "attntrace run configs/bug_ragged_list.yaml": (2, "ATT-E004", "Exit codes: `2` bad input; the ATT-E004 panel"),
+    "attntrace run configs/bad_input/ragged_list.yaml": (2, "ATT-E004", "Exit codes: `2` bad input (ATT-E004 shown)"),
     "attntrace run configs/bug_qk_d_head.yaml": (3, "ATT-E101", "### Pre-flight shape diagnosis (exit 3)"),
     "attntrace run configs/bug_d_head_reshape.yaml": (3, "ATT-E103", "### Pre-flight shape diagnosis (exit 3)"),
     "attntrace run configs/seed000_cat_mouse.yaml --inject forgot-transpose-k":
