@@ -198,3 +198,13 @@ def test_head_lists_and_ranges_are_parsed_once(invoke):
     assert code == 2 and "--head" in out and "smaller number to a larger one" in out
     code, out = invoke("mask", "--causal", "--padding", "1,2,0")
     assert code == 2 and "--padding" in out and "write 1 for a real token" in out
+
+
+def test_redirected_output_honours_columns(tmp_path):
+    """Piped or redirected, the output is COLUMNS wide when COLUMNS says so (120 otherwise)."""
+    for columns, widest in (("200", 200), ("60", 60), ("", 120)):
+        env = dict(os.environ, NO_COLOR="1", COLUMNS=columns)
+        out = subprocess.run([sys.executable, "-m", "attntrace", "run", str(CONFIGS / "seed004_batch_multihead.yaml"),
+                              "--steps", "weights"], capture_output=True, text=True, cwd=ROOT, env=env).stdout
+        rules = [line for line in out.splitlines() if line and set(line) == {"─"}]
+        assert rules and len(rules[0]) == widest, (columns, len(rules[0]))

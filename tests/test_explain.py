@@ -108,3 +108,26 @@ def test_from_a_spec_and_its_shape_errors(invoke):
     assert code == 3 and doc["diagnoses"][0]["code"] == "ATT-E101"
     code, out = invoke("explain-shapes", CONFIGS / "causal_gpt.yaml", "--seq", "4")
     assert code == 2 and "not both" in out
+
+
+def test_the_memory_a_run_would_need(invoke, monkeypatch, tmp_path):
+    """explain-shapes ends with the run's estimated peak: the inputs (X and the four projections),
+    the score buffer (b·h·q·k) and, when it does not fit the free memory, what would."""
+    code, doc = _flow(invoke, "--seq", "1000", "--d-model", "64", "--heads", "4")
+    memory = doc["flow"]["memory"]
+    assert code == 0 and memory["dtype"] == "float64"
+    assert memory["inputs"] == (1000 * 64 + 4 * 64 * 64) * 8
+    assert 4 * 1000 * 1000 * 8 <= memory["working"] <= 2 * 4 * 1000 * 1000 * 8
+    assert memory["peak"] == memory["inputs"] + memory["retained"] + memory["working"]
+    from attntrace.core import memory as memory_mod
+    monkeypatch.setattr(memory_mod, "available_bytes", lambda: 8 * memory_mod.MiB)
+    spec = tmp_path / "long.yaml"
+    spec.write_text("version: 1\nembeddings: {random: {shape: [1000, 64], seed: 0}}\n"
+                    "attention: {heads: 4, W_q: {identity: 64}, W_k: {identity: 64}, W_v: {identity: 64}, "
+                    "mask: causal}\n")
+    code, doc = _flow(invoke, str(spec))
+    memory = doc["flow"]["memory"]
+    assert code == 0 and not memory["fits"] and memory["available"] == 8 * memory_mod.MiB
+    assert memory["options"][0].startswith("--chunk ")
+    code, out = invoke("explain-shapes", str(spec))
+    assert "too much, a run would be refused (ATT-E020)" in out and "· --chunk" in out

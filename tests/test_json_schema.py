@@ -382,7 +382,8 @@ def _rename_hook(document):
 
 # a valid bug verdict (test_a_grafted_verdict_is_valid_where_it_belongs), grafted where none belongs
 VERDICT = {"bug": {"name": "softmax-wrong-axis", "description": "softmax over the queries", "steps": ["pattern"],
-                   "caught_by": ["ATT-W201"], "needs": "always"},
+                   "caught_by": ["ATT-W201"], "needs": "always", "fix": "normalise over the keys",
+                   "seen_in": [{"report": "PetrochukM/PyTorch-NLP#2", "url": None}], "explanation": ""},
            "status": "caught", "summary": "caught by ATT-W201", "caught_by": ["ATT-W201"], "cannot_show": None,
            "output_changed": True, "check": "default"}
 

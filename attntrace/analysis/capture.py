@@ -1,7 +1,5 @@
 """Check a capture: rebuild the attention as a spec, compare hook by hook, name the bug.
 
-(A temporary module name: it moves to ``attntrace/analysis/capture.py``.)
-
 A capture (:mod:`attntrace.models.capture`) holds what a user's PyTorch module
 computed in one forward pass.  :func:`check_capture`
 

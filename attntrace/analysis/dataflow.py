@@ -99,6 +99,7 @@ class Flow:
     steps: List[FlowStep]
     dtype: str = "float64"
     notes: List[str] = field(default_factory=list)
+    memory: Optional[Any] = None        # analysis.run.MemoryOutlook: what a run of this plan would need
 
     @property
     def total_flops(self) -> int:
@@ -120,13 +121,14 @@ class Flow:
             "dtype": self.dtype, "steps": [s.to_json() for s in self.steps],
             "total_flops": self.total_flops, "peak_result_bytes": self.peak_bytes,
             "notes": list(self.notes),
+            "memory": self.memory.to_json() if self.memory is not None else None,
         }
 
 
 _SCORE_OPERANDS = ("scores", "scaled", "mask", "masked", "weights")
 
 
-def describe_flow(plan: Plan, dtype: str = "float64") -> Flow:
+def describe_flow(plan: Plan, dtype: str = "float64", memory=None) -> Flow:
     """Every step with its operands' and result's shapes, FLOPs and result bytes."""
     itemsize = ITEMSIZE[dtype]
     steps = []
@@ -136,7 +138,7 @@ def describe_flow(plan: Plan, dtype: str = "float64") -> Flow:
                   for name in step.inputs]
         steps.append(FlowStep(step, inputs, shape_of(plan, step.axes, scores_step),
                               plan.flops(step), plan.result_bytes(step, itemsize)))
-    flow = Flow(plan, steps, dtype)
+    flow = Flow(plan, steps, dtype, memory=memory)
     if plan.size("batch") == 1:
         flow.notes.append("batch = 1: the batch axis is not shown")
     return flow

@@ -7,6 +7,7 @@ bare execution the re-running checks and bug replays use.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -108,18 +109,45 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     return trace
 
 
+@dataclass
+class MemoryOutlook:
+    """A run's estimated peak, the memory free now, and — when it does not fit — what would."""
+    estimate: memory.MemoryEstimate
+    available: Optional[int]
+    options: List[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.estimate.peak * memory.SAFETY <= self.available
+
+    def summary(self) -> str:
+        guess = self.estimate
+        return (f"about {memory.human(guess.peak)} (inputs {memory.human(guess.inputs)}, kept arrays "
+                f"{memory.human(guess.retained)}, working buffers {memory.human(guess.working)}, {guess.dtype})")
+
+    def to_json(self) -> Dict:
+        return dict(self.estimate.to_json(), available=self.available, fits=self.fits, options=list(self.options))
+
+
+def memory_outlook(spec: Optional[Spec], plan: Plan, dtype: str, kept=None,
+                   chunk_row: Optional[int] = None) -> MemoryOutlook:
+    """Estimate a run's peak and compare it with the free memory (spec None: sizes only, no advice)."""
+    guess = memory.estimate(spec, plan, dtype, kept)
+    outlook = MemoryOutlook(guess, memory.available_bytes(), [])
+    if not outlook.fits and spec is not None:
+        outlook.options = memory.advice(
+            spec, lambda chunk: plan_from_spec(spec, chunk, chunk_row) if chunk else plan, dtype, kept,
+            outlook.available)
+    return outlook
+
+
 def check_memory(spec: Spec, plan: Plan, dtype: str, kept, chunk_row: Optional[int] = None) -> None:
     """Refuse, before anything is allocated, a run whose estimated peak exceeds the free memory."""
-    guess = memory.estimate(spec, plan, dtype, kept)
-    free = memory.available_bytes()
-    if free is None or guess.peak * memory.SAFETY <= free:
+    outlook = memory_outlook(spec, plan, dtype, kept, chunk_row)
+    if outlook.fits:
         return
-    options = memory.advice(spec, lambda chunk: plan_from_spec(spec, chunk, chunk_row) if chunk else plan,
-                            dtype, kept, free)
-    raise input_error("ATT-E020", f"this run needs about {memory.human(guess.peak)} (inputs "
-                                  f"{memory.human(guess.inputs)}, kept arrays {memory.human(guess.retained)}, working "
-                                  f"buffers {memory.human(guess.working)}, {dtype}); {memory.human(free)} is available",
-                      hint="what fits: " + "; ".join(options))
+    raise input_error("ATT-E020", f"this run needs {outlook.summary()}; {memory.human(outlook.available)} is "
+                                  f"available", hint="what fits: " + "; ".join(outlook.options))
 
 
 def default_dtype(spec: Spec) -> str:

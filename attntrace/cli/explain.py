@@ -31,7 +31,8 @@ from attntrace.cli.params import width_option
 def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_k, masked, positional, no_w_o,
                    dtype, width, fmt):
     """Show the data flow: every step with its hook, formula, operand and result shapes
-    (named axes and numbers), FLOPs and result bytes, and a compact diagram.
+    (named axes and numbers), FLOPs and result bytes, a compact diagram, and the memory a run
+    would need against what is free now (with what would fit when it does not).
 
     Give sizes, or a SPEC to take them from (its shape errors are diagnosed, exit 3).
     Sizes only, no arrays: instant for any size.
@@ -68,7 +69,9 @@ def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_
                               hint="e.g. attntrace explain-shapes --seq 10 --d-model 512 --heads 8")
         plan = plan_for_flags(seq=seq, d_model=d_model, heads=heads, batch=batch, kv_heads=kv_heads, d_head=d_head,
                               d_v=d_v, seq_k=seq_k, masked=masked, positional=positional, has_w_o=not no_w_o)
-    flow = describe_flow(plan, dtype or "float64")
+    from attntrace.analysis.run import memory_outlook
+    outlook = memory_outlook(loaded if spec is not None else None, plan, dtype or "float64")
+    flow = describe_flow(plan, dtype or "float64", outlook)
     exit_code = EXIT_SHAPE_ERROR if diagnoses else EXIT_OK
     if fmt == "json":
         print_json({"exit_code": exit_code, "flow": flow.to_json(), "diagnoses": [d.to_json() for d in diagnoses]})

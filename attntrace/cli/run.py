@@ -132,11 +132,14 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     if step_mode:
         from attntrace.render.stepper import stepper_for
         stepper = stepper_for(console, options)
+    from attntrace.render.progress import layer_progress
     # print hooks write to stdout; under --format json they go to stderr so stdout stays JSON
-    with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext():
+    with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext(), \
+            layer_progress(plan_from_spec(loaded), enabled=not step_mode) as progress:
         from attntrace.render.stepper import StopStepping
         try:
-            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper, chunk=chunk, chunk_row=chunk_row,
+            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper or progress, chunk=chunk,
+                               chunk_row=chunk_row,
                                force=force,
                                keep="all" if wants_data(targets) or (fmt == "json" and json_values == "full") else
                                ["*attn.hook_pattern"] if wants_patterns(targets) else "auto")

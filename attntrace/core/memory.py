@@ -41,11 +41,24 @@ class MemoryEstimate:
                 "dtype": self.dtype}
 
 
-def _spec_inputs(spec, itemsize: int) -> int:
+def _spec_inputs(spec, plan, itemsize: int) -> int:
+    if spec is None:
+        return _plan_inputs(plan, itemsize)
     total = 0
     for array in _arrays(spec):
         total += int(getattr(array.data, "size", 0)) * itemsize
     return total
+
+
+def _plan_inputs(plan, itemsize: int) -> int:
+    """Sizes only (explain-shapes from flags): the embeddings and one layer's four projections."""
+    d = plan.size
+    d_model = d("d_model")
+    embeddings = d("batch") * (d("seq_q") + (d("seq_k") if plan.cross else 0)) * d_model
+    projections = d_model * (d("n_heads") * d("d_head") + d("n_kv_heads") * (d("d_head") + d("d_v")))
+    if plan.has_w_o:
+        projections += d("n_heads") * d("d_v") * d("d_out")
+    return (embeddings + projections) * itemsize
 
 
 def _arrays(spec):
@@ -63,7 +76,8 @@ def _arrays(spec):
 
 
 def estimate(spec, plan, dtype: str = "float64", kept: Optional[Set[str]] = None) -> MemoryEstimate:
-    """The peak a run of `plan` needs. kept: the hooks the trace keeps (None: "auto", small arrays)."""
+    """The peak a run of `plan` needs. kept: the hooks the trace keeps (None: "auto", small arrays).
+    spec None: sizes only, the inputs counted from the plan."""
     itemsize = 4 if dtype == "float32" else 8
     retained, parts = 0, {}
     for step in plan.steps:
@@ -74,7 +88,7 @@ def estimate(spec, plan, dtype: str = "float64", kept: Optional[Set[str]] = None
             parts[step.hook] = nbytes
     working = max((_working(plan, step, itemsize, kept) for step in plan.steps), default=0)
     biggest = dict(sorted(parts.items(), key=lambda kv: -kv[1])[:4])
-    return MemoryEstimate(_spec_inputs(spec, itemsize), retained, working, dtype, biggest)
+    return MemoryEstimate(_spec_inputs(spec, plan, itemsize), retained, working, dtype, biggest)
 
 
 def _working(plan, step, itemsize: int, kept: Optional[Set[str]]) -> int:

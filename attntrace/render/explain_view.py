@@ -114,6 +114,22 @@ def diagram_lines(flow) -> List[str]:
     return [line1, line2, line3, line4]
 
 
+def memory_text(outlook) -> Text:
+    """`memory  a run needs about 24.1 GiB (...); 22.6 GiB is available: too much` and what would fit."""
+    text = Text.assemble(("memory ", "bold"), f"a run needs {outlook.summary()}")
+    if outlook.available is None:
+        text.append("; the free memory is unknown here", style="dim")
+    elif outlook.fits:
+        text.append(f"; {bytes_text(outlook.available)} is available: it fits", style="green")
+    else:
+        text.append(f"; {bytes_text(outlook.available)} is available: too much, a run would be refused (ATT-E020)",
+                    style="bold red")
+        for option in outlook.options or ["`attntrace run --chunk 1024` holds one tile of the weights at a time "
+                                          "(a spec's estimate names the chunk that fits)"]:
+            text.append(f"\n  · {option}", style="yellow")
+    return text
+
+
 def render_flow(console, flow, diagnoses=()) -> None:
     console.print(sizes_panel(flow))
     console.print(steps_table(flow, {d.hook for d in diagnoses}))
@@ -122,6 +138,9 @@ def render_flow(console, flow, diagnoses=()) -> None:
                        style="bold"))
     for line in diagram_lines(flow):
         console.print(Text("  " + line), overflow="ignore", crop=False, no_wrap=True)
+    if flow.memory is not None:
+        console.print()
+        console.print(memory_text(flow.memory))
     if diagnoses:
         from attntrace.render.diagnosis import render_diagnoses
         console.print()

@@ -15,9 +15,18 @@ def make_console(width: Optional[int] = None, stderr: bool = False, record: bool
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
     plain = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
-    return Console(file=stream, width=width or (None if stream.isatty() else 120), no_color=plain,
+    return Console(file=stream, width=width or (None if stream.isatty() else redirected_width()), no_color=plain,
                    color_system=None if plain and not record else "auto", highlight=False,
                    soft_wrap=False, record=record, force_terminal=True if record else None)
+
+
+def redirected_width() -> int:
+    """The width of output that goes to a file or a pipe: COLUMNS when set (as `COLUMNS=200 cmd > f`), else 120."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    return columns if columns >= 40 else 120
 
 
 def jsonable(value: Any) -> Any:

@@ -64,7 +64,8 @@ def _axis_labels(trace, hook: str, axis_name: str, indices: np.ndarray) -> List[
         return _labels(spec.tokens, indices)
     if axis_name == "seq_k":
         return _labels(spec.key_tokens, indices)
-    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "n_heads·d_v": "c", "n_heads·d_head": "c",
+    short = {"d_model": "d", "d_head": "d", "d_v": "d", "d_out": "d", "d_mlp": "m", "n_heads·d_v": "c",
+             "n_heads·d_head": "c",
              "n_kv_heads·d_head": "c", "n_kv_heads·d_v": "c"}.get(axis_name, "")
     return [f"{short}{i}" for i in indices]
 
@@ -206,9 +207,15 @@ def _compact(trace, hook: str, options: ViewOptions) -> bool:
 def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str, compact: bool = False) -> list:
     """The matrices of one step laid out as a grid: numbers or compact heatmaps; with --full,
     matrices wider than the terminal are paged by columns."""
-    if options.full:
-        views = [page for view in views for page in column_pages(view, width, compact, options.precision)]
-    blocks = [heatmap_block(v) if compact else matrix_block(v, options.precision) for v in views]
+    blocks = []
+    for view in views:           # a matrix wider than the terminal is paged by columns, never wrapped
+        block = heatmap_block(view) if compact else matrix_block(view, options.precision)
+        if block.width > width or options.full:
+            pages = column_pages(view, width, compact, options.precision)
+            if len(pages) > 1:
+                blocks.extend(heatmap_block(p) if compact else matrix_block(p, options.precision) for p in pages)
+                continue
+        blocks.append(block)
     if not blocks:
         return []
     return ([Text(legend, style="dim")] if compact else []) + [side_by_side(blocks, width)]
