@@ -1,3 +1,5 @@
+import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -52,13 +54,67 @@ def invoke():
     return run
 
 
-def require(module_name: str):
-    """The module, or a skip when it is not installed here; under CI=true a missing reference fails."""
-    import importlib
-    import os
+# --------------------------------------------------------------------------- references under CI
+# The cross-checks compare attntrace with independent references (torch, transformers, the
+# MiniLM checkpoint, a real Chromium).  On a developer's machine a missing reference skips
+# those tests; under CI=true it fails them, so a run cannot go green with them skipped.
+
+UNDER_CI = os.environ.get("CI") == "true"
+# .ci/run's lowest-versions run installs only the four runtime packages and the test tools:
+# there the references may be missing, and every OTHER skip fails (see _judge_skip).
+FLOOR_RUN = os.environ.get("ATTNTRACE_FLOOR_RUN") == "1"
+REFERENCE_WORDS = ("torch", "transformers", "tokenizers", "safetensors", "chromium", "playwright", "minilm",
+                   "importlinter", "grimp")
+
+
+def require(module_name: str, why: str = "a reference for these tests"):
+    """The module, or a skip when it is not installed here; under CI=true a missing reference fails.
+
+    Works inside a test and at module level (the whole module is skipped, or fails to collect under CI).
+    """
     try:
         return importlib.import_module(module_name)
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"{module_name} is not installed (a reference for these tests)", allow_module_level=True)
+    except ImportError as exc:
+        reason = f"{module_name} is not installed ({why}): {exc}"
+        if UNDER_CI and not FLOOR_RUN:
+            pytest.fail(f"{reason}; under CI=true a missing reference is a failure, not a skip", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+
+
+def _skip_reason(report) -> str | None:
+    """The reason of a skipped (not xfailed) test or collector report, else None."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr)
+
+
+def _judge_skip(report) -> None:
+    """Under CI=true, a skip for a missing reference becomes a failure; in the floor run, any other skip does."""
+    reason = _skip_reason(report)
+    if reason is None:
+        return
+    about_a_reference = any(word in reason.lower() for word in REFERENCE_WORDS)
+    if UNDER_CI and not FLOOR_RUN and about_a_reference:
+        verdict = "under CI=true a skipped cross-check is a failure"
+    elif FLOOR_RUN and not about_a_reference:
+        verdict = "the lowest-versions run may skip only tests that need a reference library"
+    else:
+        return
+    report.outcome = "failed"
+    report.longrepr = f"{verdict}: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _judge_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    # a module-level pytest.importorskip skips the whole module at collection
+    report = yield
+    _judge_skip(report)
+    return report
