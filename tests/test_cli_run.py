@@ -133,6 +133,10 @@ def test_big_matrices_are_elided(tmp_path, invoke):
     code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--width", "120")
     assert code == 0 and "pooled: each cell is the block max over up to 7 queries × 7 keys" in out
     assert "  0–5 " in out and "294–299 " in out
+    for width in (100, 70):          # a narrower terminal: coarser ranges, never a wrapped row
+        code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--width", width)
+        grid = [line for line in out.splitlines() if line.lstrip()[:1].isdigit() and "–" in line.split()[0]]
+        assert code == 0 and len(grid) > 20 and max(len(line.rstrip()) for line in grid) <= width
     code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--full", "--values",
                        "--width", "120")
     assert code == 0 and "head 0 · keys 0–6 of 300" in out and "keys 294–299 of 300" in out
@@ -208,3 +212,22 @@ def test_redirected_output_honours_columns(tmp_path):
                               "--steps", "weights"], capture_output=True, text=True, cwd=ROOT, env=env).stdout
         rules = [line for line in out.splitlines() if line and set(line) == {"─"}]
         assert rules and len(rules[0]) == widest, (columns, len(rules[0]))
+
+
+@pytest.mark.parametrize("how", ["max", "mean"])
+def test_coarsened_overview_equals_pooling_the_full_array_at_the_merged_ranges(how):
+    """Merging every k adjacent columns of a pooled grid equals pooling the array itself over the
+    merged key ranges (a plain loop over the ranges is the reference)."""
+    from attntrace.core.stats import coarsen_columns, pool
+    rng = np.random.default_rng(1)
+    array = rng.random((2, 3, 50, 97))
+    pooled = pool(array, 48)
+    grid = pooled.max if how == "max" else pooled.mean
+    coarse, edges = coarsen_columns(grid, pooled.col_edges, how, 10)
+    assert coarse.shape[-1] <= 10 and edges[0] == 0 and edges[-1] == 97
+    rows = pooled.row_edges
+    for r in range(len(rows) - 1):
+        for c in range(len(edges) - 1):
+            block = array[..., rows[r]:rows[r + 1], edges[c]:edges[c + 1]]
+            want = block.max(axis=(-2, -1)) if how == "max" else block.mean(axis=(-2, -1))
+            np.testing.assert_allclose(coarse[..., r, c], want, rtol=1e-12)

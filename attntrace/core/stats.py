@@ -171,3 +171,20 @@ def pool(array: np.ndarray, cells: int = POOL_CELLS) -> Pooled:
         block_sum[..., r, :] = np.add.reduceat(band.sum(axis=-2, dtype=np.float64), cols[:-1], axis=-1)
     sizes = np.diff(rows)[:, None] * np.diff(cols)[None, :]
     return Pooled(block_max, block_sum / sizes, rows, cols)
+
+
+def coarsen_columns(grid: np.ndarray, col_edges: np.ndarray, how: str, max_cols: int):
+    """A pooled grid (..., R, C) with every k adjacent columns merged (k the smallest that leaves at
+    most `max_cols`; a narrow terminal): the max of maxima, or the mean weighted by each range's
+    width.  Returns the grid and its column edges."""
+    cells = grid.shape[-1]
+    if cells <= max_cols:
+        return grid, col_edges
+    k = -(-cells // max(1, max_cols))
+    starts = np.arange(0, cells, k)
+    merged_edges = np.append(col_edges[starts], col_edges[-1])
+    if how == "max":
+        return np.maximum.reduceat(grid, starts, axis=-1), merged_edges
+    widths = np.diff(col_edges).astype(np.float64)
+    sums = np.add.reduceat(grid * widths, starts, axis=-1)
+    return sums / np.diff(merged_edges), merged_edges

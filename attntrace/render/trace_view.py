@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.rule import Rule
 from rich.text import Text
 
-from attntrace.core.stats import POOL_CELLS, edge_indices, pool
+from attntrace.core.stats import POOL_CELLS, coarsen_columns, edge_indices, pool
 from attntrace.hookpoints import point_of, split_name
 from attntrace.render.diagnosis import diagnosis_panel, group_title, grouped, note_line
 from attntrace.render.matrix import MatrixView, column_pages, fmt_number, heatmap_block, matrix_block, side_by_side
@@ -81,7 +81,15 @@ def _shown(n: int, side: int, full: bool, edge: int) -> np.ndarray:
     return np.arange(n) if full or n <= side else edge_indices(n, edge)
 
 
-def _matrices(trace, hook: str, options: ViewOptions, compact: bool = False):
+def _pool_side(width: Optional[int], n_rows: int, side: int) -> int:
+    """Cells a side of a pooled overview: as many as the terminal fits (two characters a cell)."""
+    if width is None:
+        return side
+    label = len(f"{n_rows - 1}–{n_rows - 1}") + 1
+    return max(4, min(side, (width - label) // 2))
+
+
+def _matrices(trace, hook: str, options: ViewOptions, compact: bool = False, width: Optional[int] = None):
     """Yield a MatrixView for every batch item and head shown (pooled for a long sequence's heatmap)."""
     plan = trace.plan
     step = plan.step_for_hook(hook)
@@ -93,7 +101,7 @@ def _matrices(trace, hook: str, options: ViewOptions, compact: bool = False):
         side = _side(options, compact)
         if compact and not options.full and max(n_rows, n_cols) > side and (row_axis, col_axis) == (2, 3) \
                 and np.isfinite(full).all():
-            pooled = pool(full, side)
+            pooled = pool(full, _pool_side(width, n_rows, side))
         edge = side // 2 if options.max_cells else options.edge
         rows = _shown(n_rows, side, options.full, edge)
         cols = _shown(n_cols, side, options.full, edge)
@@ -187,7 +195,7 @@ def step_renderable(trace, step, options: ViewOptions, width: int = 120):
     if split_name(hook)[1] == "attn.hook_scaled":
         body.append(Text(f"scale = {trace.plan.scale_text} = {trace.plan.scale:.6g}", style="dim"))
     compact = _compact(trace, hook, options)
-    body.extend(matrix_grid(list(_matrices(trace, hook, options, compact)), hook, options, width,
+    body.extend(matrix_grid(list(_matrices(trace, hook, options, compact, width)), hook, options, width,
                             "heatmaps: ░ low … █ high (--values for numbers, --head N for one head)", compact))
     return Group(*body)
 
@@ -204,11 +212,21 @@ def _compact(trace, hook: str, options: ViewOptions) -> bool:
     return heads * items > 2 or shape[-1] > 2 * options.max_rows
 
 
+def _fit_pooled(view, width: int):
+    """A pooled overview (computed before the width was known) wider than the terminal: every k
+    adjacent key ranges merged until a row fits."""
+    max_cols = _pool_side(width, view.full_rows, view.values.shape[-1])
+    grid, col_edges = coarsen_columns(view.values, view.col_edges, view.pooled, max_cols)
+    return view if grid is view.values else dataclasses.replace(view, values=grid, col_edges=col_edges)
+
+
 def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str, compact: bool = False) -> list:
     """The matrices of one step laid out as a grid: numbers or compact heatmaps; with --full,
     matrices wider than the terminal are paged by columns."""
     blocks = []
     for view in views:           # a matrix wider than the terminal is paged by columns, never wrapped
+        if view.pooled:
+            view = _fit_pooled(view, width)
         block = heatmap_block(view) if compact else matrix_block(view, options.precision)
         if block.width > width or options.full:
             pages = column_pages(view, width, compact, options.precision)
