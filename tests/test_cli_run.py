@@ -137,6 +137,7 @@ def test_big_matrices_are_elided(tmp_path, invoke):
         code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--width", width)
         grid = [line for line in out.splitlines() if line.lstrip()[:1].isdigit() and "–" in line.split()[0]]
         assert code == 0 and len(grid) > 20 and max(len(line.rstrip()) for line in grid) <= width
+        assert not [line for line in out.splitlines() if line[:1] in "░▒▓█"]      # no row wrapped
     code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--full", "--values",
                        "--width", "120")
     assert code == 0 and "head 0 · keys 0–6 of 300" in out and "keys 294–299 of 300" in out
