@@ -49,8 +49,6 @@ EXPECTED_EXIT = {
 NOT_RUN: dict[str, str] = {
     "attntrace check run.safetensors":
         "run.safetensors is written by the Python capture example above it (needs torch), not by a command",
-    "attntrace run big.yaml --steps weights --head 0":
-        "big.yaml (300 tokens, causal) is not in the repository; the README should name a configs/ file",
     "attntrace run spec.yaml":
         "the 16,384-token spec of .npy files is not in the repository (the memory-refusal example)",
     "attntrace run spec.yaml --dtype float32 --chunk 512 --steps block_max,out":
