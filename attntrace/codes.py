@@ -91,6 +91,7 @@ CODES: Dict[str, Code] = {
     "ATT-E109": _shape("the learned position table is too small"),
     "ATT-E110": _shape("a norm or MLP weight of a block does not fit d_model / d_mlp"),
     "ATT-E111": _shape("blocks disagree on the number or width of heads"),
+    "ATT-E112": _shape("token types (table or ids) do not fit d_model or the tokens"),
     "ATT-E130": _shape("the upstream gradient does not have the output's shape"),
     "ATT-E140": _shape("RoPE needs an even d_head"),
     "ATT-E160": _shape("an expectation's values do not have the selected shape"),

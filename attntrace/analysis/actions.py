@@ -53,39 +53,51 @@ class Origin:
 
 # --------------------------------------------------------------------------- argument readers
 
+def _shown(arg: Any) -> str:
+    """An argument as a message shows it: short, and never the digits of a huge integer."""
+    from attntrace.inputs.sources import describe_value
+    return repr(arg) if isinstance(arg, str) and len(arg) < 40 else describe_value(arg)
+
+
 def _number(arg: Any, origin: Origin, action: str) -> float:
     try:
         if isinstance(arg, bool):
             raise ValueError
         value = float(arg) if isinstance(arg, (str, numbers.Real)) else None
-    except ValueError:
+    except (ValueError, OverflowError):
         value = None
     if value is None or not np.isfinite(value):
-        raise origin.error("ATT-E061", f"{action} needs a finite number, got {arg!r}",
+        raise origin.error("ATT-E061", f"{action} needs a finite number, got {_shown(arg)}",
                            hint=f"e.g. {action}=0.5")
     return value
 
 
 def _heads(arg: Any, origin: Origin, action: str) -> List[int]:
-    items = arg if isinstance(arg, list) else str(arg).split(",") if arg is not None else []
+    items = arg if isinstance(arg, list) else arg.split(",") if isinstance(arg, str) else [arg] \
+        if arg is not None else []
     heads = []
     for item in items:
-        text = str(item).strip()
-        if isinstance(item, bool) or not text.isdigit():
-            raise origin.error("ATT-E061", f"{action} needs head numbers (from 0), got {arg!r}",
+        text = item.strip() if isinstance(item, str) else None
+        if isinstance(item, numbers.Integral) and not isinstance(item, bool) and 0 <= item < 1 << 31:
+            heads.append(int(item))
+        elif text is not None and text.isdigit() and len(text) < 10:      # int() of 5,000 digits would fail
+            heads.append(int(text))
+        else:
+            raise origin.error("ATT-E061", f"{action} needs head numbers (from 0), got {_shown(arg)}",
                                hint=f"e.g. {action}=1 or {action}=0,2")
-        heads.append(int(text))
     if not heads:
         raise origin.error("ATT-E061", f"{action} needs head numbers (from 0)", hint=f"e.g. {action}=1")
     return heads
 
 
 def _bounds(arg: Any, origin: Origin) -> Tuple[Optional[float], Optional[float]]:
-    parts = arg if isinstance(arg, list) else str(arg).split(",") if arg is not None else []
+    parts = arg if isinstance(arg, list) else arg.split(",") if isinstance(arg, str) else [arg] \
+        if arg is not None else []
     if len(parts) != 2:
-        raise origin.error("ATT-E061", f"clamp needs LOW,HIGH (either may be empty), got {arg!r}",
+        raise origin.error("ATT-E061", f"clamp needs LOW,HIGH (either may be empty), got {_shown(arg)}",
                            hint="e.g. clamp=-5,5 or clamp=,10 (no lower bound)")
-    low, high = (None if p is None or str(p).strip() == "" else _number(p, origin, "clamp") for p in parts)
+    low, high = (None if p is None or (isinstance(p, str) and not p.strip()) else _number(p, origin, "clamp")
+                 for p in parts)
     if low is None and high is None:
         raise origin.error("ATT-E061", "clamp needs at least one bound", hint="e.g. clamp=-5,5")
     if low is not None and high is not None and low > high:
@@ -138,8 +150,21 @@ def _numeric(array: np.ndarray, hook: HookPoint, origin: Origin, action: str) ->
 
 # --------------------------------------------------------------------------- the actions
 
+MAX_PRINT_DECIMALS = 16      # float64 holds 15-17 significant digits; more would print noise
+
+
+def _decimals(arg: Any, origin: Origin) -> int:
+    if arg in (None, True, ""):
+        return 4
+    value = _number(arg, origin, "print")
+    if value != int(value) or not 0 <= value <= MAX_PRINT_DECIMALS:
+        raise origin.error("ATT-E061", f"print takes a number of decimals from 0 to {MAX_PRINT_DECIMALS}, "
+                                       f"got {_shown(arg)}", hint="e.g. print=3")
+    return int(value)
+
+
 def act_print(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
-    precision = 4 if arg in (None, True, "") else int(_number(arg, origin, "print"))
+    precision = _decimals(arg, origin)
 
     def print_activation(array, *, hook):
         # sys.stdout is looked up per call, so a command can redirect it (JSON mode)
@@ -151,8 +176,9 @@ def act_print(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
 
 
 def act_save(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
-    from attntrace.inputs.files import atomic_write, refuse_inputs
+    from attntrace.inputs.files import atomic_write, check_writable, refuse_inputs
     path = _file(arg, origin, ctx, "save", (".npz",))
+    check_writable(path, origin.text, origin.location)      # before the run, not when the hook fires
     refuse_inputs(path, ctx.protected, origin.text)
     sink = ctx.sinks.setdefault(path.resolve(), {})
 
@@ -200,7 +226,7 @@ def act_clamp(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
 
 def act_patch(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
     from attntrace.inputs.sources import SourceContext, load_array
-    text = str(arg).strip() if arg is not None else ""
+    text = arg.strip() if isinstance(arg, str) else ""
     name, _, key = text.rpartition(":") if ".npz:" in text else (text, "", "")
     path = _file(name, origin, ctx, "patch", (".npy", ".npz"))
     if not path.is_file():
@@ -224,12 +250,14 @@ def act_patch(arg: Any, origin: Origin, ctx: ActionContext) -> HookFn:
 
 
 def _npz_keys(path: Path, origin: Origin) -> List[str]:
-    import zipfile
+    from attntrace.inputs.sources import BadArrayFile, npz_keys, open_npz
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return list(archive.files)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise origin.error("ATT-E013", f"{path.name} is not a readable .npz file: {exc}") from None
+        with open_npz(path) as archive:
+            return npz_keys(archive)
+    except BadArrayFile as exc:
+        raise origin.error(exc.code, exc.message, hint=exc.hint) from None
+    except OSError as exc:
+        raise origin.error("ATT-E007", f"cannot read {path.name}: {exc.strerror or exc}") from None
 
 
 def fit_shape(values: np.ndarray, array: np.ndarray, hook: HookPoint, what: str) -> np.ndarray:
@@ -286,7 +314,8 @@ def make_action(hook: str, action: str, arg: Any, origin: Origin, ctx: ActionCon
     if not spec.argument and arg not in (None, "", True):
         raise origin.error("ATT-E060", f"{name} takes no argument")
     fn = spec.factory(arg, origin, ctx)
-    fn.description = f"{hook}:{name}" + (f"={arg}" if arg not in (None, "", True) else "")
+    huge = isinstance(arg, numbers.Integral) and int(arg).bit_length() > 256     # str() would fail
+    fn.description = f"{hook}:{name}" + (f"={_shown(arg) if huge else arg}" if arg not in (None, "", True) else "")
     return hook, fn
 
 
@@ -323,7 +352,17 @@ def hooks_from_spec(spec, ctx: Optional[ActionContext] = None) -> List[Tuple[str
         else:
             raise origin.error("ATT-E060", f"each item of hooks: is a string ({HOOK_SYNTAX}) or a "
                                            "mapping such as {hook: attn.hook_z, scale: 0.5}")
+    refuse_saving_over_reads(ctx)
     return hooks
+
+
+def refuse_saving_over_reads(ctx: ActionContext) -> None:
+    """A `save` may not write the file a `patch` of the same run reads (in whichever order they come)."""
+    read = {Path(p).resolve() for p in ctx.read_files}
+    for sink in ctx.sinks:
+        if sink in read:
+            raise input_error("ATT-E064", f"save: refusing to overwrite {sink}, a file a patch of this run reads",
+                              hint="save into another file")
 
 
 def _hook_from_mapping(item: Dict, origin: Origin, ctx: ActionContext) -> Tuple[str, HookFn]:
@@ -348,8 +387,12 @@ def command_hooks(texts: Sequence[str], hook_file: Optional[Path], spec) -> Tupl
     inputs = input_files(spec)
     if hook_file is not None:
         inputs.add(Path(hook_file).resolve())
-    ctx = ActionContext(protected=inputs)
+    spec_ctx = ActionContext(base_dir=Path(spec.file).resolve().parent if spec.file else Path.cwd(),
+                             protected=set(inputs))
+    hooks_from_spec(spec, spec_ctx)                 # the patch files the spec's own hooks read
+    ctx = ActionContext(protected=inputs | spec_ctx.read_files)
     hooks = parse_hook_texts(texts, ctx)
+    refuse_saving_over_reads(ctx)
     if hook_file is not None:
         from attntrace.analysis.userhooks import load_hook_file
         hooks += load_hook_file(hook_file)

@@ -5,6 +5,13 @@ does not apply (no mask, say).  It sees the live arrays of the run through a :cl
 right after its step, so it works even when the engine does not keep the
 array.  A violation is a warning :class:`~attntrace.errors.Diagnosis`
 (``ATT-W2xx``); ``--strict`` turns warnings into a failure.
+
+Numeric honesty: a check can only pass on finite values.  A comparison with
+NaN is false, so "no row is off by more than tol" would hold for a row of NaN;
+every check therefore declines (returns None: no ✓, no verdict) when the
+values it reads are not all finite, and ATT-W204 reports them instead -- once,
+at the first step where they appear, with the reason (an overflowing scale, a
+dot product beyond the largest float, a hook) and the later steps they reach.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from attntrace.errors import Diagnosis
 from attntrace.hookpoints import point_of
 
 ROW_SUM_TOLERANCE = {"float64": 1e-9, "float32": 1e-5}
+FLOAT_MAX = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max)}
 
 
 class CheckContext:
@@ -58,15 +66,23 @@ class CheckContext:
         return Diagnosis(code=code, severity="warning", step=step.label, hook=step.hook,
                          message=message, **extra)
 
+    def finite(self, key: str) -> bool:
+        """True when the step's result holds no NaN and no ±inf (masked scores may hold -inf)."""
+        stats = self.stats(key)
+        return not (stats.nan or stats.posinf or (stats.neginf and key != "attn_scores"))
+
     def token_q(self, i: int) -> str:
         tokens = self.spec.tokens if self.spec else []
         return f"{i} '{tokens[i]}'" if i < len(tokens) else str(i)
 
 
-def describes(text: str):
-    """Name what a check verifies, for the ✓ lines of a clean run."""
+def describes(text: str, values: bool = True):
+    """Name what a check verifies, for the ✓ lines of a clean run.  `values`: the check reads the
+    values of steps (so it cannot vouch for anything once NaN/inf have appeared); False for checks
+    of the mask alone."""
     def mark(fn):
         fn.describes = text
+        fn.reads_values = values
         return fn
     return mark
 
@@ -78,6 +94,8 @@ def _where(index) -> str:
 
 @describes("every row of weights sums to 1")
 def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
+    if not ctx.finite("pattern"):
+        return None                 # NaN rows would "pass" (NaN > tol is false): ATT-W204 reports them
     pattern = ctx.values["pattern"]
     sums = ctx.trace.row_sums.get(ctx.step("pattern").hook)
     if sums is None:
@@ -106,7 +124,7 @@ def pattern_rows_sum_to_one(ctx: CheckContext) -> List[Diagnosis]:
 @describes("masked positions get exactly zero weight")
 def masked_weights_are_zero(ctx: CheckContext) -> List[Diagnosis]:
     keep = ctx.values.get("mask")
-    if keep is None:
+    if keep is None or not ctx.finite("pattern"):
         return None
     pattern = ctx.values["pattern"]
     blocked = ~keep
@@ -126,7 +144,7 @@ def masked_weights_are_zero(ctx: CheckContext) -> List[Diagnosis]:
                           "negative number) where attending is blocked")]
 
 
-@describes("every query may attend to at least one key")
+@describes("every query may attend to at least one key", values=False)
 def fully_masked_rows(ctx: CheckContext) -> List[Diagnosis]:
     keep = ctx.values.get("mask")
     if keep is None:
@@ -155,17 +173,24 @@ def scale_matches_plan(ctx: CheckContext) -> List[Diagnosis]:
     expected = ctx.block.scale
     if ctx.plan.positional == "alibi":          # scaled = Q·Kᵀ·scale + the ALiBi bias: take the bias off
         scaled = scaled - _alibi_corner(ctx.plan)
-    nonzero = np.abs(qk) > 1e-12
-    if not nonzero.any():
-        return []
-    ratio = scaled[nonzero] / qk[nonzero]
-    actual = float(np.median(ratio))
+    # only cells where both are finite say what the factor was (an overflowing scale makes inf)
+    with np.errstate(all="ignore"):
+        usable = (np.abs(qk) > 1e-12) & np.isfinite(qk) & np.isfinite(scaled)
+        ratio = scaled[usable] / qk[usable]
+    ratio = ratio[np.isfinite(ratio)]
+    if not ratio.size:
+        return None                 # nothing finite to compare: no verdict (ATT-W204 reports NaN/inf)
+    actual = float(np.sort(ratio)[ratio.size // 2])      # a median without averaging: 1e308 + 1e308 overflows
     if abs(actual - expected) <= 1e-6 * max(abs(expected), 1.0):
-        return []
-    d_head = ctx.plan.size("d_head")
+        return [] if ctx.finite("qk") and ctx.finite("scaled") else None     # ✓ only on finite scores
+    d_head, d_model = ctx.plan.size("d_head"), ctx.plan.size("d_model")
+    if d_model != d_head and abs(actual - d_model ** -0.5) <= 1e-6 * d_model ** -0.5:
+        hint = f"the standard scale is 1/√d_head = {d_head ** -0.5:.6g}, not 1/√d_model = {d_model ** -0.5:.6g}"
+    else:
+        hint = (f"the planned factor is {ctx.block.scale_text} = {expected:.6g}; a hook, an injected bug or a "
+                "step that scales twice (or not at all) changes it")
     return [ctx.warn("ATT-W205", "scaled", f"scores were scaled by {actual:.6g}, the plan says "
-                     f"{expected:.6g} ({ctx.block.scale_text}, d_head={d_head})",
-                     hint=f"the standard scale is 1/√d_head = {d_head ** -0.5:.6g}, not 1/√d_model")]
+                     f"{expected:.6g} ({ctx.block.scale_text}, d_head={d_head})", hint=hint)]
 
 
 def _alibi_corner(plan) -> np.ndarray:
@@ -180,20 +205,90 @@ def _alibi_corner(plan) -> np.ndarray:
 def no_nonfinite(key: str) -> Callable[[CheckContext], List[Diagnosis]]:
     @describes(f"no NaN or inf in {key}")
     def check(ctx: CheckContext) -> List[Diagnosis]:
-        stats = ctx.stats(key)
-        # -inf is how blocked positions look before softmax: allowed in masked scores
-        allowed_neginf = key == "attn_scores"
-        if not (stats.nan or stats.posinf or (stats.neginf and not allowed_neginf)):
+        hook = ctx.step(key).hook
+        _honest_stats(ctx, key)
+        if ctx.finite(key):
             return []
         array = ctx.values[key]
-        bad = np.isnan(array) | np.isposinf(array)
-        if not allowed_neginf:
-            bad |= np.isneginf(array)
+        with np.errstate(all="ignore"):
+            bad = np.isnan(array) | np.isposinf(array)
+            if key != "attn_scores":        # -inf is how blocked positions look before softmax
+                bad |= np.isneginf(array)
+        count = int(bad.sum())
+        first = _first_nonfinite(ctx)
+        if first is not None:               # reported where it appeared; here it only spreads
+            first.details.append(f"also in {hook}: {count} value(s)")
+            return []
         index = [int(i) for i in np.argwhere(bad)[0]]
-        return [ctx.warn("ATT-W204", key, f"{int(bad.sum())} NaN/inf value(s) in {ctx.step(key).hook}, "
-                         f"first at index {index}",
-                         hint="an earlier step overflowed, or a fully masked row was softmaxed without care")]
+        return [ctx.warn("ATT-W204", key, f"NaN/inf first appear in {hook}: {count} value(s), first at index "
+                         f"{index}; {nonfinite_cause(ctx, key)}",
+                         hint="every input was finite: the arithmetic of this step is where they came from; "
+                              "later steps inherit them")]
     return check
+
+
+def _honest_stats(ctx: CheckContext, key: str) -> None:
+    """The engine derives the stats of the scaled scores from Q·Kᵀ's (no pass over them), which
+    misses an overflowing scale: infinite min/max say so, and then the real counts are taken."""
+    from attntrace.core.stats import array_stats
+    stats = ctx.stats(key)
+    if any(v is not None and not np.isfinite(v) for v in (stats.min, stats.max, stats.mean)):
+        with np.errstate(all="ignore"):
+            ctx.trace.stats[ctx.step(key).hook] = array_stats(ctx.values[key])
+
+
+def _first_nonfinite(ctx: CheckContext) -> Optional[Diagnosis]:
+    return next((d for d in ctx.trace.diagnoses if d.code == "ATT-W204"), None)
+
+
+def _magnitude(ctx: CheckContext, key: str) -> Optional[float]:
+    """The largest |value| of an earlier step of this block (finite values), or None."""
+    try:
+        stats = ctx.stats(key)
+    except (KeyError, ValueError):
+        return None
+    if stats is None or stats.min is None or stats.max is None:
+        return None
+    return max(abs(stats.min), abs(stats.max))
+
+
+def nonfinite_cause(ctx: CheckContext, key: str) -> str:
+    """Why NaN/inf appeared in step `key` although everything before it was finite."""
+    dtype = ctx.trace.dtype
+    largest = FLOAT_MAX.get(dtype, FLOAT_MAX["float64"])
+    steps = ctx.plan.steps
+    step = ctx.step(key)
+    keys = {s.key for s in steps if s.layer == step.layer}
+    if key == "qk":
+        q = _magnitude(ctx, "rot_q" if "rot_q" in keys else "q")
+        k = _magnitude(ctx, "rot_k" if "rot_k" in keys else "k")
+        if q is not None and k is not None:
+            bound = q * k * ctx.plan.size("d_head")
+            if bound > largest:
+                return (f"the dot products overflow {dtype}: |Q| up to {q:.3g} and |K| up to {k:.3g} over "
+                        f"d_head={ctx.plan.size('d_head')} features reach {bound:.3g} > {largest:.3g}")
+            return (f"Q and K are finite and small (|Q·Kᵀ| ≤ {bound:.3g}), so the dot products cannot overflow: "
+                    "a hook or an injected bug on this step produced them")
+    if key == "scaled":
+        qk, scale = _magnitude(ctx, "qk"), ctx.block.scale
+        if qk is not None and qk * scale > largest:
+            return (f"the scale overflows: |Q·Kᵀ| up to {qk:.3g} times the scale {scale:.3g} exceeds the largest "
+                    f"{dtype} ({largest:.3g}); softmax then computes inf − inf = NaN")
+    if key == "pattern":
+        return ("softmax of finite scores is finite: a hook or an injected bug on this step produced them "
+                "(a softmax over a row whose keys are all blocked gives 0/0 = NaN)")
+    before = [s for s in steps if s.number < step.number and s.hook in ctx.trace.stats]
+    sizes = [m for m in (_stats_magnitude(ctx.trace.stats[s.hook]) for s in before) if m is not None]
+    if sizes:
+        return (f"the steps before it were finite (largest |value| {max(sizes):.3g}); this step's arithmetic "
+                f"overflowed {dtype} (largest {largest:.3g}), or a hook or injected bug on it produced them")
+    return f"this step's arithmetic overflowed {dtype} (largest {largest:.3g}), or a hook on it produced them"
+
+
+def _stats_magnitude(stats) -> Optional[float]:
+    if stats is None or stats.min is None or stats.max is None or stats.true is not None:
+        return None
+    return max(abs(stats.min), abs(stats.max))
 
 
 STEP_CHECKS: Dict[str, List[Callable[[CheckContext], List[Diagnosis]]]] = {
@@ -201,14 +296,14 @@ STEP_CHECKS: Dict[str, List[Callable[[CheckContext], List[Diagnosis]]]] = {
     "pattern": [pattern_rows_sum_to_one, masked_weights_are_zero,
                 field_checks.padding_rows_are_information(fully_masked_rows)],
 }
-FINITE_CHECKED = ("q", "k", "v", "qk", "scaled", "attn_scores", "pattern", "z", "out")
+NOT_FINITE_CHECKED = ("mask",)      # a True/False mask has no NaN
 
 
 def checks_for(key: str) -> List[Callable[[CheckContext], List[Diagnosis]]]:
-    found = list(STEP_CHECKS.get(key, ())) + list(field_checks.STEP_CHECKS.get(key, ()))
-    if key in FINITE_CHECKED:
-        found.append(no_nonfinite(key))
-    return found
+    """Every step is checked for NaN/inf first (so the value checks after it know), then its own checks
+    and the checks for mistakes from the field."""
+    found = [] if key in NOT_FINITE_CHECKED else [no_nonfinite(key)]
+    return found + list(STEP_CHECKS.get(key, ())) + list(field_checks.STEP_CHECKS.get(key, ()))
 
 
 def run_step_checks(key: str, ctx: CheckContext) -> Tuple[List[Diagnosis], List[str]]:
@@ -217,11 +312,16 @@ def run_step_checks(key: str, ctx: CheckContext) -> Tuple[List[Diagnosis], List[
     passed: List[str] = []
     for check in checks_for(key):
         result = check(ctx)        # None: the check does not apply to this run
+        text, reads_values = getattr(check, "describes", None), getattr(check, "reads_values", True)
+        nonfinite = any(d.code == "ATT-W204" for d in found + ctx.trace.diagnoses)
+        if nonfinite and reads_values and text in ctx.trace.checks_passed:
+            # a ✓ is a claim about every block: once NaN/inf have appeared, a later block may not vouch
+            ctx.trace.checks_passed.remove(text)
         if result is None:
             continue
         found.extend(result)
-        if not result and check.describes and not check.describes.startswith("no NaN"):
-            passed.append(check.describes)
+        if not result and text and not text.startswith("no NaN") and not (nonfinite and reads_values):
+            passed.append(text)
     return found, passed
 
 
@@ -241,6 +341,11 @@ def _changed(base: np.ndarray, other: np.ndarray, dtype: str) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         diff = np.abs(other - base)
     return ~(diff <= RERUN_TOLERANCE.get(dtype, 1e-4) * scale) & ~(np.isnan(base) & np.isnan(other))
+
+
+def _overflowed(base: np.ndarray, out: np.ndarray) -> bool:
+    """A perturbed re-run whose output holds NaN/inf where the base run's is finite says nothing."""
+    return bool((np.isfinite(base) & ~np.isfinite(out)).any())
 
 
 def _perturbed(array, rows=None, cols=None, seed: int = 0):
@@ -287,6 +392,8 @@ def causal_independence(spec, trace, rerun: Rerun) -> List[Diagnosis]:
         x = _perturbed(spec.source.embeddings, rows=slice(cut, None), seed=cut)
         changed_spec = dataclasses.replace(spec, source=dataclasses.replace(spec.source, embeddings=x))
         out = rerun(changed_spec, keep=[final.hook])[final.hook]
+        if _overflowed(base, out):
+            return None                     # the perturbed run overflowed: no verdict either way
         moved = _changed(base[:, :cut], out[:, :cut], trace.dtype).any(axis=(0, 2))
         if moved.any():
             rows = [int(i) for i in np.flatnonzero(moved)]
@@ -326,6 +433,8 @@ def head_independence(spec, trace, rerun: Rerun) -> List[Diagnosis]:
                            seed=7 + head)
             import dataclasses
             out = rerun(spec.with_attention(layer, dataclasses.replace(att, **{weight: w})), keep=[concat])
+            if _overflowed(base, out[concat]):
+                return None
             moved = _changed(base, out[concat], trace.dtype)
             heads_moved = {i for i in range(h) if moved[..., i * d_v:(i + 1) * d_v].any()}
             leaked = sorted(heads_moved - allowed)
@@ -342,6 +451,9 @@ def head_independence(spec, trace, rerun: Rerun) -> List[Diagnosis]:
 causal_independence.describes = "outputs do not depend on later tokens (re-run with later tokens changed)"
 head_independence.describes = "each head depends only on its own weights (re-run with one head's W_q, W_v changed)"
 EXPENSIVE_CHECKS = (causal_independence, head_independence, crosscheck.crosscheck)
+# a finite float64 recomputation still shows *where* a trace with NaN/inf went wrong (a masked NaN that
+# leaked, a softmax that overflowed): it runs on such traces, but only to report the divergence
+DIVERGENCE_CHECKS = (crosscheck.crosscheck,)
 
 
 def expensive_checks(spec, trace, rerun: Rerun) -> Tuple[List[Diagnosis], List[str]]:
@@ -349,11 +461,18 @@ def expensive_checks(spec, trace, rerun: Rerun) -> Tuple[List[Diagnosis], List[s
     without checks and returns the kept arrays."""
     found: List[Diagnosis] = []
     passed: List[str] = []
+    nonfinite = any(d.code == "ATT-W204" for d in trace.diagnoses)
     for check in EXPENSIVE_CHECKS:
-        result = check(spec, trace, rerun)
+        if nonfinite and check not in DIVERGENCE_CHECKS:
+            continue                        # NaN/inf in the trace: comparing two re-runs of it proves nothing
+        vouched = len(trace.checks_passed)
+        with np.errstate(all="ignore"):     # perturbing values near the float limit may overflow
+            result = check(spec, trace, rerun)
+        if nonfinite:                       # it may name where the trace differs, never vouch for it
+            del trace.checks_passed[vouched:]
         if result is None:
             continue
         found.extend(result)
-        if not result:
+        if not result and not nonfinite:
             passed.append(check.describes)
     return found, passed

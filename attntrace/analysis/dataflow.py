@@ -26,7 +26,16 @@ def operand_axes(plan: Plan, name: str) -> Tuple[str, ...]:
         return parameter_axes(name, plan.layout)
     if name == "PE":
         return ("seq_q", "d_model")
-    return HOOKS_BY_NAME[SYMBOLS[name]].axes
+    if name in SYMBOLS:
+        return HOOKS_BY_NAME[SYMBOLS[name]].axes
+    step = next((s for s in plan.steps if s.key == name), None)    # a block's operands: resid_pre, ln1 ...
+    if step is not None:
+        return step.axes
+    return _MLP_WEIGHT_AXES.get(name, ())
+
+
+_MLP_WEIGHT_AXES = {"W_in": ("d_model", "d_mlp"), "W_gate": ("d_model", "d_mlp"), "W_up": ("d_model", "d_mlp"),
+                    "W_out": ("d_mlp", "d_model"), "W_down": ("d_mlp", "d_model")}
 
 
 def axis_size(plan: Plan, axis: str) -> int:

@@ -238,6 +238,24 @@ class _Checker:
                             [Operand("PE", t.shape, ("max_len", "d_model")[:t.data.ndim], "positional.table",
                                      t.location, 1 if t.data.ndim == 2 and t.shape[1] != d else 0)],
                             ["seq_q", "d_model"])
+        if pos.type_table is not None and any(step.key == "pos" for step in self.plan.steps):
+            self.token_types(pos)
+
+    def token_types(self, pos) -> None:
+        """BERT's segment embeddings: a (types, d_model) table, ids (seq,) or (batch, seq)."""
+        table, ids = pos.type_table, pos.type_ids
+        q, d, batch = self.plan.size("seq_q"), self.plan.size("d_model"), self.plan.size("batch")
+        if table.data.ndim != 2 or table.shape[1] != d:
+            self.report("ATT-E112", "pos", f"token_types.table {format_shape(table.shape, 'bare')} needs "
+                        f"d_model={d} columns (one row per token type)",
+                        [Operand("token_types.table", table.shape, (), "positional.token_types.table",
+                                 table.location)], ["d_model"])
+        if ids.data.ndim not in (1, 2) or ids.shape[-1] != q or (ids.data.ndim == 2 and ids.shape[0] not in
+                                                                (1, batch)):
+            self.report("ATT-E112", "pos", f"token_types.ids {format_shape(ids.shape, 'bare')} needs one id per "
+                        f"token: (seq={q},) or (batch={batch}, seq={q})",
+                        [Operand("token_types.ids", ids.shape, (), "positional.token_types.ids", ids.location)],
+                        ["seq_q", "batch"])
 
     # -- projections ---------------------------------------------------------
     def projection(self, name: str) -> None:

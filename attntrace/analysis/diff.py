@@ -9,7 +9,6 @@ beyond the tolerance, and the cells that differ most.
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -20,6 +19,7 @@ from attntrace.analysis.cells import cell_label
 from attntrace.analysis.run import run
 from attntrace.errors import input_error
 from attntrace.hookpoints import HOOKS_BY_NAME
+from attntrace.inputs.sources import BadArrayFile, read_npz_all
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 SAVED_SUFFIXES = (".npz", ".json")
@@ -60,10 +60,14 @@ def load_side(path, *, dtype: Optional[str] = None, hooks: Sequence = ()) -> Tra
 
 def _load_npz(path: Path) -> TraceData:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            stored = {key: archive[key] for key in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise input_error("ATT-E065", f"{path.name} is not a readable .npz trace: {exc}") from None
+        stored = read_npz_all(path)
+    except BadArrayFile as exc:
+        raise input_error("ATT-E065", f"{path.name} is not a readable .npz trace: {exc.message}",
+                          hint=exc.hint or "save a trace with: attntrace run spec.yaml --export trace.npz") from None
+    except OSError as exc:
+        raise input_error("ATT-E065", f"cannot read {path.name}: {exc.strerror or exc}") from None
+    stored = {key: value for key, value in stored.items()
+              if key.startswith("__") or np.issubdtype(value.dtype, np.number) or value.dtype == bool}
     hooks = [str(h) for h in stored.get("__hooks__", [])] or [k for k in stored if k in HOOKS_BY_NAME]
     missing = [h for h in hooks if h not in stored]
     if not hooks or missing:
@@ -83,7 +87,7 @@ def _load_json(path: Path) -> TraceData:
             steps = [dict(document["hooks"][hook], hook=hook) for hook in steps]
         arrays = {s["hook"]: _json_array(s["values"]) for s in steps if "values" in s}
         titles = {s["hook"]: f"{s['number']}/{len(steps)} '{s['title']}'" for s in steps}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise input_error("ATT-E065", f"{path.name} is not an attntrace JSON trace ({type(exc).__name__}: {exc})",
                           hint="save a trace with: attntrace run spec.yaml --export trace.json") from None
     if not arrays:
@@ -103,7 +107,10 @@ def _json_array(values: Any) -> np.ndarray:
         if isinstance(v, list):
             return [convert(x) for x in v]
         return _JSON_SPECIAL[v] if isinstance(v, str) else v
-    return np.array(convert(values))
+    array = np.array(convert(values))
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise ValueError(f"values of dtype {array.dtype} are not real numbers")
+    return array
 
 
 # --------------------------------------------------------------------------- comparing
@@ -213,8 +220,15 @@ def diff_hook(hook: str, a: np.ndarray, b: np.ndarray, title: str, tokens: Seque
     return result
 
 
+def check_tolerance(value: Any, name: str) -> float:
+    """A tolerance is a finite number ≥ 0 (ATT-E021): with NaN every comparison would say "agree"."""
+    from attntrace.inputs.sources import finite_number
+    return finite_number(value, None, name, minimum=0.0, code="ATT-E021")
+
+
 def diff_traces(a: TraceData, b: TraceData, *, atol: float = 1e-9, rtol: float = 1e-9, top: int = 5) -> DiffReport:
     """Compare every hook both sides hold, in a's step order."""
+    atol, rtol = check_tolerance(atol, "atol"), check_tolerance(rtol, "rtol")
     common = [h for h in a.hooks if h in b.arrays]
     hooks = [diff_hook(h, a.arrays[h], b.arrays[h], a.titles.get(h) or b.titles.get(h) or h,
                        a.tokens, a.key_tokens, atol, rtol, top) for h in common]

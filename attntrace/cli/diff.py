@@ -6,15 +6,17 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
-from attntrace.cli.params import dtype_option, width_option
+from attntrace.cli.params import FiniteFloat, dtype_option, width_option
+
+TOLERANCE = FiniteFloat(minimum=0.0, code="ATT-E021")      # NaN would make every comparison "agree"
 
 
 @click.command("diff")
 @click.argument("a", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("b", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-9, show_default=True,
-              help="Cells differ when |a-b| > atol + rtol·max(|a|, |b|).")
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-9, show_default=True)
+@click.option("--atol", type=TOLERANCE, default=1e-9, show_default=True,
+              help="Cells differ when |a-b| > atol + rtol·max(|a|, |b|) (finite, ≥ 0).")
+@click.option("--rtol", type=TOLERANCE, default=1e-9, show_default=True)
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many of the most different cells to list.")
 @click.option("--hook-a", "hooks_a", multiple=True, metavar="HOOK:ACTION[=ARG]",

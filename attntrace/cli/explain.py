@@ -57,7 +57,9 @@ def explain_shapes(spec, seq, d_model, heads, batch, kv_heads, d_head, d_v, seq_
         from attntrace.analysis.fixes import attach_verified_fixes
         from attntrace.analysis.run import load as load_spec
         from attntrace.core.plan import plan_from_spec
-        loaded = load_spec(spec)
+        from attntrace.inputs.sources import sizes_only
+        with sizes_only():              # headers and parameters give the sizes: no array is loaded
+            loaded = load_spec(spec)
         plan = plan_from_spec(loaded)
         diagnoses = find_problems(loaded, plan)
         attach_verified_fixes(loaded, diagnoses)

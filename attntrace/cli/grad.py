@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
-from attntrace.cli.params import check_selection, head_option, precision_option, width_option
+from attntrace.cli.params import FiniteFloat, check_selection, head_option, precision_option, width_option
 
 LOSSES = ("sum", "mean", "sum_squares", "upstream")
 
@@ -21,7 +21,7 @@ LOSSES = ("sum", "mean", "sum_squares", "upstream")
 @click.option("--batch", type=click.IntRange(min=0), help="Show only this batch item.")
 @precision_option(4)
 @width_option
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-6, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(minimum=0.0, code="ATT-E021"), default=1e-6, show_default=True,
               help="Largest max relative error a gradient may have against finite differences.")
 @click.option("--cells", type=click.IntRange(min=0), default=64, show_default=True,
               help="Cells checked per gradient (a seeded sample plus the largest entry); 0 = every cell.")
@@ -57,7 +57,9 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     trace = run_engine(loaded, keep="all", dtype="float64", spec_hooks=False)
     notes = ["the spec's hooks: list is not applied: grad differentiates attention without it"] \
         if trace.spec.hooks else []
-    grads = backward(trace, loss=loss)
+    import numpy as np
+    with np.errstate(all="ignore"):        # an overflowed forward pass: NaN gradients, reported, not warned
+        grads = backward(trace, loss=loss)
     shown = None
     if grad_names:
         shown = [name for item in grad_names.split(",") if item.strip()
@@ -66,7 +68,9 @@ def grad(spec, loss, grad_names, heads, batch, precision, width, tolerance, cell
     diagnoses = list(trace.warnings)
     if not no_verify:
         from attntrace.analysis.gradcheck import check_gradients, failures
-        checks = check_gradients(grads, cells=cells, tolerance=tolerance)
+        from attntrace.render.progress import progress_bar
+        with progress_bar("finite differences") as progress:      # a bar on a terminal's stderr only
+            checks = check_gradients(grads, cells=cells, tolerance=tolerance, progress=progress)
         diagnoses += failures(checks)
     exit_code = EXIT_CHECK_FAILED if checks is not None and not all(c.passed for c in checks) else EXIT_OK
     if fmt == "json":

@@ -8,6 +8,8 @@ import click
 from attntrace.cli.main import format_option, handles_errors
 from attntrace.cli.params import PaddingRows, all_rows, head_option, precision_option, width_option
 
+MASK_SIZE = click.IntRange(min=1, max=4096)      # a picture of a mask: 4096² cells is already a lot
+
 CONVENTION_CHOICES = ("allow", "ignore", "additive", "additive-1e9", "keep")     # keep: allow's old name
 
 
@@ -44,10 +46,10 @@ def resolve_sizes(seq, seq_q, seq_k, tokens, padding_rows):
               "(looking back only with --causal).")
 @click.option("--prefix", type=click.IntRange(min=1), help="Prefix-LM: the first N keys are visible to every "
               "query; the rest is causal.")
-@click.option("--seq", type=click.IntRange(min=1), help="Sequence length (queries and keys).")
-@click.option("--seq-q", "seq_q", type=click.IntRange(min=1), help="Number of queries when it differs from "
+@click.option("--seq", type=MASK_SIZE, help="Sequence length (queries and keys), up to 4096.")
+@click.option("--seq-q", "seq_q", type=MASK_SIZE, help="Number of queries when it differs from "
               "the keys (KV-cache decoding: the queries are the last positions).")
-@click.option("--seq-k", "seq_k", type=click.IntRange(min=1), help="Number of keys.")
+@click.option("--seq-k", "seq_k", type=MASK_SIZE, help="Number of keys.")
 @click.option("--tokens", help='Key tokens as labels, e.g. "the cat sat <pad>".')
 @click.option("--convention", type=click.Choice(CONVENTION_CHOICES), help="Print the mask in this convention: "
               "allow (True = may attend; also written keep), ignore (True = blocked), additive (0 / -inf), "

@@ -26,6 +26,31 @@ class _Type(click.ParamType):
         raise OptionError(message, param, ctx, self.code)
 
 
+MAX_INDEX = 1 << 16
+
+
+class FiniteFloat(_Type):
+    """A finite number (≥ minimum): NaN and infinity are refused, which click's FloatRange accepts."""
+
+    name = "FLOAT"
+
+    def __init__(self, minimum: Optional[float] = None, above: Optional[float] = None, code: str = "ATT-E022"):
+        self.minimum, self.above, self.code = minimum, above, code
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r}: a finite number is needed (not NaN or infinity)", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{value!r}: must be ≥ {self.minimum:g}", param, ctx)
+        if self.above is not None and not number > self.above:
+            self.fail(f"{value!r}: must be > {self.above:g}", param, ctx)
+        return number
+
+
 class IndexList(_Type):
     """"2", "0,2,5", "0-3", "1-3,7" or "all" -> a sorted tuple of indices (None for "all").
 
@@ -53,6 +78,8 @@ class IndexList(_Type):
                 self.fail(f"{text!r}: write {self.what} numbers from 0, ranges like 0-3, or 'all'", param, ctx)
             if start < 0 or stop < start:
                 self.fail(f"{part!r}: a range goes from a smaller number to a larger one, from 0", param, ctx)
+            if stop > MAX_INDEX:        # no model has this many heads or layers; range() would fill memory
+                self.fail(f"{part!r}: {self.what} numbers stop at {MAX_INDEX:,}", param, ctx)
             found.update(range(start, stop + 1))
         if not found:
             self.fail(f"{text!r}: no {self.what} given", param, ctx)

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from attntrace.cli.main import format_option, handles_errors
-from attntrace.cli.params import width_option
+from attntrace.cli.params import FiniteFloat, width_option
 
 
 def parse_dims(text, limit, what):
@@ -47,7 +47,7 @@ def load_table(path, seq, d_model):
               help="Features (d_head for RoPE).")
 @click.option("--dims", help="Features whose waves are plotted (heads for ALiBi), comma-separated "
               "[default: 0,4,8,16, as seed 004].")
-@click.option("--base", type=click.FloatRange(min=1, min_open=True), default=10000.0, show_default=True,
+@click.option("--base", type=FiniteFloat(above=1.0, code="ATT-E042"), default=10000.0, show_default=True,
               help="Frequency base (sinusoidal, RoPE).")
 @click.option("--pairing", type=click.Choice(["half", "interleaved"]), default="half", show_default=True,
               help="RoPE: which features rotate together.")

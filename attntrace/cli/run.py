@@ -199,14 +199,15 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
             from attntrace.render.bugs_view import verdict_panel
             out.print(verdict_panel(verdict))
 
+    written = []
+    if targets:         # before anything is printed: a failed export is then the one document on stdout
+        from attntrace.render.export import export_all
+        written = export_all(targets, trace, render, extra=dict(expect_json, exit_code=exit_code), width=width)
     if fmt == "json":
         from attntrace.render.json_view import trace_to_json
         print_json(dict(trace_to_json(trace, exit_code, values=json_values), **expect_json))
     else:
         render(console, stepped=step_mode)
-    if targets:
-        from attntrace.render.export import export_all
-        written = export_all(targets, trace, render, extra=dict(expect_json, exit_code=exit_code), width=width)
-        if fmt != "json":
+        if written:
             console.print(f"exported: {', '.join(str(p) for p in written)}")
     raise SystemExit(exit_code)

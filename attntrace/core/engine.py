@@ -471,6 +471,14 @@ def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> 
     trace = trace if trace is not None else Trace(spec=spec, plan=plan, dtype=np_dtype.name)
     functions = dict(STEP_FUNCTIONS, **(overrides or {}))
     block_outputs = {id(steps[-1]) for steps in _steps_by_layer(plan).values()}
+    with np.errstate(all="ignore"):     # overflow and NaN are reported by the checks (ATT-W204), not warned
+        _execute_steps(plan, state, trace, functions, hookset, wanted, overrides, after_step, block_outputs)
+    return trace
+
+
+def _execute_steps(plan: Plan, state: State, trace: Trace, functions: Dict[str, StepFn], hookset: HookSet,
+                   wanted: Optional[Set[str]], overrides: Optional[Dict[str, StepFn]],
+                   after_step: Optional[AfterStep], block_outputs: Set[int]) -> None:
     for step in plan.steps:
         if step.layer is not None and step.layer != state.layer:
             state.enter(step.layer)
@@ -501,7 +509,6 @@ def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> 
         if id(step) in block_outputs:       # the next block (or the final norm) reads it
             state.block_output = array
         _release(state, step.key)
-    return trace
 
 
 def _steps_by_layer(plan: Plan) -> Dict[int, list]:

@@ -125,15 +125,20 @@ def available_bytes() -> Optional[int]:
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            limit = open(limit_file, encoding="ascii").read().strip()
+            limit = _read_text(limit_file)
             if limit.isdigit() and int(limit) < (1 << 60):
-                used = int(open(usage_file, encoding="ascii").read().strip())
+                used = int(_read_text(usage_file))
                 free = max(int(limit) - used, 0)
                 found = free if found is None else min(found, free)
             break
         except (OSError, ValueError):
             continue
     return found
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read().strip()
 
 
 def human(nbytes: int) -> str:

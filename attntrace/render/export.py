@@ -1,8 +1,11 @@
 """`--export FILE`: the rendered trace (.svg .txt), the offline HTML explorer (.html), or its data (.json .npz).
 
-Every file is written atomically: into a temporary file in the same folder,
-then moved over the target with ``os.replace``, so a reader never sees half a
-file and an interrupted run leaves the old one intact.  Exports never
+Exports are all or nothing: every target is validated before the run
+(:func:`attntrace.inputs.files.check_targets`: a known suffix, a writable
+folder, not an input of the run), every file is rendered in memory, then all
+are written into temporary files beside their targets and only then moved
+into place -- so a failure (a full disk, a folder made read-only meanwhile)
+leaves no partial set behind and is one ATT-E064 error.  Exports never
 overwrite an input of the run: the spec, the arrays it loads, hook files and
 patch files.
 
@@ -20,7 +23,8 @@ from typing import Any, Callable, Iterable, List, Optional
 
 import numpy as np
 
-from attntrace.inputs.files import DATA_SUFFIXES, atomic_write
+from attntrace.inputs.files import DATA_SUFFIXES, write_all
+from attntrace.render.json_view import hook_entry, trace_header
 
 RENDERED = {".svg": "svg", ".txt": "text"}    # suffix -> rich export (.html is the explorer)
 META_KEYS = ("__name__", "__tokens__", "__key_tokens__", "__hooks__")
@@ -35,8 +39,8 @@ def wants_patterns(paths: Iterable[Path]) -> bool:
     return any(Path(p).suffix.lower() == ".html" for p in paths)
 
 
-def write_rendered(path: Path, render: Callable[[Any], None], width: Optional[int] = None) -> None:
-    """Render into a recording console and write rich's SVG / HTML / text export."""
+def rendered_bytes(path: Path, render: Callable[[Any], None], width: Optional[int] = None) -> bytes:
+    """Render into a recording console: rich's SVG / text export of it, as bytes."""
     from rich.console import Console
     console = Console(file=io.StringIO(), record=True, width=width or 120, force_terminal=True,
                       color_system="truecolor", highlight=False, soft_wrap=False)
@@ -46,20 +50,70 @@ def write_rendered(path: Path, render: Callable[[Any], None], width: Optional[in
         text = console.export_svg(title=f"attntrace · {Path(path).stem}")
     else:
         text = console.export_text(styles=False)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return text.encode("utf-8")
 
 
-def write_data(path: Path, trace, extra: Optional[dict] = None) -> None:
+def data_writer(path: Path, trace, extra: Optional[dict] = None) -> Callable[[Any], None]:
     """.npz: every kept array under its hook name; .json: the JSON document of the trace
     with every kept array in full (plus `extra` keys, e.g. the expectations)."""
     if Path(path).suffix.lower() == ".npz":
-        atomic_write(path, lambda f: np.savez(f, **trace_arrays(trace)))
-        return
-    from attntrace.render.json_view import trace_to_json
+        arrays = trace_arrays(trace)
+        return lambda f: np.savez(f, **arrays)
+    return lambda f: write_json_document(f, trace, extra or {})
+
+
+def write_json_document(f, trace, extra: dict) -> None:
+    """The JSON document of `trace` with every kept array in full, streamed: the header, then one
+    hook at a time, each array row by row, so memory stays one row of text (not the document)."""
+    header = dict(trace_header(trace, int(extra.get("exit_code", 0))), **extra)
+    f.write(b"{\n")
+    for key, value in header.items():
+        f.write(f"  {json.dumps(key)}: ".encode() + _dumps(value) + b",\n")
+    f.write(b'  "hooks": {')
+    for n, step in enumerate(trace.plan.steps):
+        entry = hook_entry(trace, step, "none")
+        array = trace.arrays.get(step.hook)
+        f.write((",\n    " if n else "\n    ").encode() + json.dumps(step.hook).encode() + b": ")
+        f.write(_dumps(entry)[:-1])            # the entry without its closing brace: its values follow
+        if array is not None:
+            f.write(b', "values": ')
+            _write_array(f, array)
+        else:
+            preview = hook_entry(trace, step, "preview")["preview"]
+            f.write(b', "preview": ' + _dumps(preview))
+        f.write(b"}")
+    f.write(b"\n  }")
+    winners = {hook: {"weight": w, "key": k} for hook, (w, k) in trace.winners.items()}
+    if winners:
+        f.write(b',\n  "pattern_row_max": ' + _dumps(winners))
+    f.write(b"\n}\n")
+
+
+def _dumps(value) -> bytes:
     from attntrace.render.output import jsonable
-    document = dict(trace_to_json(trace, 0, values="full"), **(extra or {}))
-    text = json.dumps(jsonable(document), ensure_ascii=False, indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return json.dumps(jsonable(value), ensure_ascii=False).encode("utf-8")
+
+
+def _write_array(f, array: np.ndarray) -> None:
+    """A nested JSON list written one last-axis row at a time (non-finite numbers as strings)."""
+    if array.ndim <= 1:
+        f.write(_dumps(array))
+        return
+    f.write(b"[")
+    for i in range(array.shape[0]):
+        if i:
+            f.write(b", ")
+        _write_array(f, array[i])
+    f.write(b"]")
+
+
+def write_rendered(path: Path, render: Callable[[Any], None], width: Optional[int] = None) -> None:
+    text = rendered_bytes(path, render, width)
+    write_all([(Path(path), lambda f: f.write(text))])
+
+
+def write_data(path: Path, trace, extra: Optional[dict] = None) -> None:
+    write_all([(Path(path), data_writer(path, trace, extra))])
 
 
 def trace_arrays(trace) -> dict:
@@ -76,15 +130,18 @@ def trace_arrays(trace) -> dict:
 
 def export_all(targets: Iterable[Path], trace, render: Callable[[Any], None], extra: Optional[dict] = None,
                width: Optional[int] = None) -> List[Path]:
-    """Write every --export target; returns them (for a "wrote ..." line)."""
-    written = []
+    """Write every --export target, all or nothing; returns them (for an "exported: ..." line)."""
+    writers = []
     for path in targets:
-        if Path(path).suffix.lower() == ".html":
-            from attntrace.render.trace_explorer import write_trace_explorer
-            write_trace_explorer(path, trace)
-        elif Path(path).suffix.lower() in RENDERED:
-            write_rendered(path, render, width)
+        suffix = Path(path).suffix.lower()
+        if suffix == ".html":
+            from attntrace.render.trace_explorer import trace_page
+            page = trace_page(trace).encode("utf-8")
+            writers.append((Path(path), lambda f, page=page: f.write(page)))
+        elif suffix in RENDERED:
+            text = rendered_bytes(path, render, width)
+            writers.append((Path(path), lambda f, text=text: f.write(text)))
         else:
-            write_data(path, trace, extra)
-        written.append(Path(path))
-    return written
+            writers.append((Path(path), data_writer(path, trace, extra)))
+    write_all(writers)
+    return [path for path, _ in writers]

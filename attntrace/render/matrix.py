@@ -21,6 +21,13 @@ def _mix(a, b, t: float):
 _LEVELS = 64      # colour steps per side: finer than the eye tells apart in a terminal
 
 
+def _position(value: float, lo: float, hi: float) -> float:
+    """Where value lies between lo and hi, in [0, 1]; halved first, so ±1e308 ranges do not overflow."""
+    span = hi / 2 - lo / 2
+    t = (value / 2 - lo / 2) / span if span > 0 else 0.0
+    return max(0.0, min(1.0, t)) if t == t else 0.0
+
+
 def heat_style(value: float, lo: float, hi: float, diverging: bool) -> Style:
     if not np.isfinite(value):
         return _BLOCKED_STYLE
@@ -28,7 +35,7 @@ def heat_style(value: float, lo: float, hi: float, diverging: bool) -> Style:
         extent = max(abs(lo), abs(hi)) or 1.0
         level = round(max(-1.0, min(1.0, value / extent)) * _LEVELS)
     else:
-        level = 0 if hi == lo else round(max(0.0, min(1.0, (value - lo) / (hi - lo))) * _LEVELS)
+        level = round(_position(value, lo, hi) * _LEVELS)
     return _level_style(level, diverging)
 
 
@@ -221,7 +228,7 @@ def shade(value: float, lo: float, hi: float) -> str:
     """A block character for a value, so heat survives without colour (NO_COLOR, pipes)."""
     if not np.isfinite(value):
         return "·"
-    t = 0.0 if hi == lo else (value - lo) / (hi - lo)
+    t = _position(value, lo, hi)
     return _SHADES[min(int(t * len(_SHADES)), len(_SHADES) - 1)] * 2
 
 

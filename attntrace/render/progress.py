@@ -1,27 +1,62 @@
-"""A progress display for long runs (a model's many layers): on the terminal only, never in pipes."""
+"""Progress of long computations on stderr: a rich bar when stderr is a terminal, nothing when piped.
+
+Two kinds: :func:`progress_bar` turns the library's plain callbacks
+``progress(done, total, what)`` (see :func:`attntrace.analysis.gradcheck.check_gradients`)
+into a bar; :func:`layer_progress` advances one per block of a model's run.  Piped or
+redirected stderr gets nothing, so logs and JSON consumers see no control characters.
+"""
 from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Callable, Iterator, Optional
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+ProgressFn = Callable[[int, int, str], None]
+
+
+def stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _bar(*columns):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+    return Progress(TextColumn("[dim]{task.description}"), BarColumn(), *columns, console=Console(file=sys.stderr),
+                    transient=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: Optional[bool] = None) -> Iterator[Optional[ProgressFn]]:
+    """A callback drawing a transient bar (cells done, rate, time left) on stderr, or None when
+    stderr is not a terminal (or `enabled` is False)."""
+    if not (stderr_is_terminal() if enabled is None else enabled):
+        yield None
+        return
+    from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    with _bar(MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[what]}")) as bar:
+        task = bar.add_task(description, total=None, what="")
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, what=what)
+        yield update
 
 
 @contextlib.contextmanager
 def layer_progress(plan, enabled: bool = True):
-    """A context giving an on_step(step, array, trace) that advances a bar per block; a no-op
-    callback when stderr is not a terminal (CI logs, pipes) or when disabled."""
-    if not enabled or not sys.stderr.isatty() or plan.n_blocks < 2:
+    """A context giving an on_step(step, array, trace) that advances a bar per block; None when
+    stderr is not a terminal (CI logs, pipes), when disabled, or for a single block."""
+    if not enabled or not stderr_is_terminal() or plan.n_blocks < 2:
         yield None
         return
-    console = Console(file=sys.stderr)
-    with Progress(TextColumn("[dim]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("tracing layers", total=plan.n_blocks)
+    from rich.progress import TextColumn, TimeElapsedColumn
+    with _bar(TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()) as bar:
+        task = bar.add_task("tracing layers", total=plan.n_blocks)
         last = {step.layer: step.hook for step in plan.steps if step.layer is not None}
 
         def on_step(step, array, trace):
             if step.layer is not None and last.get(step.layer) == step.hook:
-                progress.update(task, advance=1, description=f"layer {step.layer + 1} of {plan.n_blocks} done")
+                bar.update(task, advance=1, description=f"layer {step.layer + 1} of {plan.n_blocks} done")
         yield on_step

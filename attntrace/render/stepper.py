@@ -13,11 +13,17 @@ the step and reads commands until told to go on:
 Commands come from a stream (stdin by default), so tests drive it with
 scripted input.  When the input ends -- or stdin is not a terminal and stays
 silent -- the stepper continues to the end instead of waiting forever.
+
+On a terminal the prompt is read with :mod:`readline` (where Python has it):
+arrow keys move in the line and the Up arrow recalls earlier commands, as in
+any debugger, instead of typing ``^[[A``.  Ctrl-C at the prompt stops the run
+(exit 130).
 """
 from __future__ import annotations
 
 import os
 import select
+import sys
 from typing import Callable, Optional
 
 from rich.text import Text
@@ -52,7 +58,16 @@ class LineReader:
         except (AttributeError, OSError, ValueError):    # io.StringIO, click's test runner
             self.fd = None
         self.interactive = self.fd is not None and os.isatty(self.fd)
+        # line editing and history: input() uses readline when stdin and stdout are both terminals
+        self.editing = self.interactive and stream is sys.stdin and _isatty(sys.stdout) and line_editing()
         self.buffer = b""
+
+    def read_command(self, prompt: str) -> Optional[str]:
+        """One command line read with readline (which draws `prompt`); None at the end of input."""
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return None
 
     def readline(self) -> Optional[str]:
         if self.fd is None or self.interactive:
@@ -77,6 +92,22 @@ class LineReader:
             return None
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line.decode("utf-8", "replace") + "\n"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def line_editing() -> bool:
+    """Load readline (once) so that input() edits lines and keeps a history; False where it is missing."""
+    try:
+        import readline  # noqa: F401  (importing it is what turns line editing on)
+    except ImportError:          # Windows without pyreadline, some minimal builds
+        return False
+    return True
 
 
 class Stepper:
@@ -104,8 +135,12 @@ class Stepper:
 
     def _prompt(self, step, trace) -> None:
         while True:
-            self.console.print(Text(f"(attntrace) step {step.number}/{step.total} › ", style="bold cyan"), end="")
-            line = self.reader.readline()
+            prompt = f"(attntrace) step {step.number}/{step.total} › "
+            if self.reader.editing:
+                line = self.reader.read_command(prompt)
+            else:
+                self.console.print(Text(prompt, style="bold cyan"), end="")
+                line = self.reader.readline()
             if line is None:
                 self.console.print(Text("\nend of input: running to the end", style="dim"))
                 self.running = True

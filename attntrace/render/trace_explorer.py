@@ -5,16 +5,14 @@ The page itself is :mod:`attntrace.render.explorer`; this module only maps a tra
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from attntrace.hookpoints import split_name
 from attntrace.render.explorer import (
     ExplorerData,
     ExplorerDiagnosis,
     ExplorerLayer,
     ExplorerStep,
+    explorer_html,
     explorer_iframe,
-    write_explorer,
 )
 
 
@@ -42,8 +40,9 @@ def explorer_data(trace) -> ExplorerData:
                         steps=steps, diagnoses=diagnoses)
 
 
-def write_trace_explorer(path: Path, trace) -> int:
-    return write_explorer(path, explorer_data(trace))
+def trace_page(trace) -> str:
+    """The explorer's whole page for a trace (what `--export trace.html` writes)."""
+    return explorer_html(explorer_data(trace))
 
 
 def trace_html(trace) -> str:

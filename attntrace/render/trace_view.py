@@ -111,7 +111,9 @@ def _matrices(trace, hook: str, options: ViewOptions, compact: bool = False, wid
         pv = trace.previews[hook]
         rows, cols, data, n_rows, n_cols = pv.rows, pv.cols, pv.values, pv.full_rows, pv.full_cols
     batch = data.shape[0]
-    batches = [options.batch] if options.batch is not None else list(range(min(batch, options.max_batch_shown)))
+    # a step broadcast over the batch (a mask of batch 1) shows its one item for any --batch
+    batches = [options.batch if options.batch < batch else 0] if options.batch is not None else \
+        list(range(min(batch, options.max_batch_shown)))
     if options.batch is None and batch > options.max_batch_shown:
         options.notes.append(f"{hook}: showing batch items 0–{options.max_batch_shown - 1} of {batch} (use --batch)")
     requested = options.heads
