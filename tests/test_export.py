@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from conftest import ABC_X as X
 
 from attntrace.inputs.files import atomic_write
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 QK = [[10, 58, 106], [58, 234, 410], [106, 410, 714]]      # Q·Kᵀ worked out in test_seed_values.py
 
 
@@ -55,6 +57,30 @@ def test_json_holds_full_values(invoke, spec_path, tmp_path):
     doc = json.loads(target.read_text(encoding="utf-8"))
     qk = doc["hooks"]["attn.hook_qk"]
     assert qk["values"] == [[QK]]
+
+
+@pytest.mark.parametrize("config, keep", [("seed004_batch_multihead.yaml", "all"), ("seed001_encoder_layer.yaml", "all"), ("causal_gpt.yaml", "auto"),
+                                          ("long_causal_300.yaml", "auto")])
+def test_streamed_json_export_is_the_json_document_with_every_value(tmp_path, config, keep):
+    """The export writes hook by hook and row by row; parsed, it is trace_to_json(values="full")."""
+    import io
+
+    import attntrace
+    from attntrace.render.export import write_json_document
+    from attntrace.render.json_view import trace_to_json
+    from attntrace.render.output import jsonable
+    trace = attntrace.run(str(CONFIGS / config), keep=keep)
+    stream = io.BytesIO()
+    write_json_document(stream, trace, {"expect": {"passed": True}})
+    streamed = json.loads(stream.getvalue().decode("utf-8"))
+    whole = json.loads(json.dumps(jsonable(dict(trace_to_json(trace, 0, values="full"),
+                                                expect={"passed": True}))))
+    assert streamed == whole
+    kept = [hook for hook, entry in streamed["hooks"].items() if "values" in entry]
+    assert trace.plan.steps[-1].hook in kept                # the output is always there in full
+    for hook in kept:
+        np.testing.assert_array_equal(np.array(streamed["hooks"][hook]["values"], dtype=float),
+                                      trace.arrays[hook])
 
 
 def test_json_export_includes_expectations(invoke, tmp_path):
