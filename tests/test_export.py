@@ -59,8 +59,9 @@ def test_json_holds_full_values(invoke, spec_path, tmp_path):
     assert qk["values"] == [[QK]]
 
 
-@pytest.mark.parametrize("config, keep", [("seed004_batch_multihead.yaml", "all"), ("seed001_encoder_layer.yaml", "all"), ("causal_gpt.yaml", "auto"),
-                                          ("long_causal_300.yaml", "auto")])
+@pytest.mark.parametrize("config, keep", [("seed004_batch_multihead.yaml", "all"),
+                                          ("seed001_encoder_layer.yaml", "all"),
+                                          ("causal_gpt.yaml", "auto"), ("long_causal_300.yaml", "auto")])
 def test_streamed_json_export_is_the_json_document_with_every_value(tmp_path, config, keep):
     """The export writes hook by hook and row by row; parsed, it is trace_to_json(values="full")."""
     import io

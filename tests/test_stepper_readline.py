@@ -56,10 +56,15 @@ class Terminal:
         return self.process.returncode
 
 
-def test_the_up_arrow_recalls_the_last_command(tmp_path):
+def stepper(tmp_path) -> Terminal:
+    """`attntrace run spec.yaml --step` on a pseudo-terminal, as a person at a keyboard runs it."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(ABC))
-    terminal = Terminal([sys.executable, "-m", "attntrace", "run", str(spec), "--step"], ROOT)
+    return Terminal([sys.executable, "-m", "attntrace", "run", str(spec), "--step"], ROOT)
+
+
+def test_the_up_arrow_recalls_the_last_command(tmp_path):
+    terminal = stepper(tmp_path)
     try:
         terminal.wait_for(PROMPT)
         terminal.type(b"stats\r")
@@ -78,9 +83,7 @@ def test_the_up_arrow_recalls_the_last_command(tmp_path):
 
 def test_line_editing_moves_in_the_line(tmp_path):
     """Left arrow then a typed letter edits the middle of the line: `sats` becomes `stats`."""
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(ABC))
-    terminal = Terminal([sys.executable, "-m", "attntrace", "run", str(spec), "--step"], ROOT)
+    terminal = stepper(tmp_path)
     try:
         terminal.wait_for(PROMPT)
         terminal.type(b"sats" + b"\x1b[D" * 3 + b"t\r")
@@ -101,9 +104,7 @@ def test_readline_is_used_only_for_a_terminal_stdin():
 
 def test_ctrl_c_while_readline_waits_exits_130(tmp_path):
     import signal
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(ABC))
-    terminal = Terminal([sys.executable, "-m", "attntrace", "run", str(spec), "--step"], ROOT)
+    terminal = stepper(tmp_path)
     try:
         terminal.wait_for(PROMPT)
         terminal.type(b"sta")                           # half a command in the line editor
