@@ -186,8 +186,6 @@ def test_mutational_fuzz(tmp_path):
 
 
 @pytest.mark.fuzz
-def test_mutational_fuzz_long(tmp_path, request):
-    """`pytest -m fuzz`: 10,000 cases (or ATTNTRACE_FUZZ_CASES)."""
-    if "fuzz" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the long fuzz runs with `pytest -m fuzz`")
+def test_mutational_fuzz_long(tmp_path):
+    """`pytest -m fuzz`: 10,000 cases (or ATTNTRACE_FUZZ_CASES); deselected otherwise (conftest.py)."""
     _fuzz(tmp_path, fuzzing.budget(LONG_BUDGET), _seed() + 1)

@@ -37,10 +37,12 @@ def progress_bar(description: str, enabled: Optional[bool] = None) -> Iterator[O
         return
     from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
     with _bar(MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[what]}")) as bar:
-        task = bar.add_task(description, total=None, what="")
+        tasks = []          # added at the first call, when the total is known (rich 12 has no total=None)
 
         def update(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, what=what)
+            if not tasks:
+                tasks.append(bar.add_task(description, total=total, what=what))
+            bar.update(tasks[0], completed=done, total=total, what=what)
         yield update
 
 
