@@ -17,6 +17,7 @@ block after block; a block's arrays are dropped when the next block starts
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Dict, Iterable, Optional, Set, Union
 
 import numpy as np
@@ -31,10 +32,12 @@ from attntrace.core.stats import (
     Pooled,
     Stats,
     array_stats,
+    grid_edges,
     pool,
     preview,
     row_winners,
     scaled_stats,
+    stats_from_parts,
 )
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError
@@ -61,12 +64,17 @@ class State:
         self.layer: Optional[int] = None
         self.block_output: Optional[np.ndarray] = None   # the previous block's last step
         self.chunked = None                              # chunked attention's result, for its later steps
+        self.fused: Dict[str, dict] = {}                 # step key -> stats (etc.) its tiles took on the way
+        self.layouts: Dict[str, tuple] = {}              # step key -> (array, Bands): where it is -inf / 0
+        self.bands = None                                # (mask, Bands) of the current block
+        self.pool_wanted = False                         # the pattern step: take the pooled overview
 
     # -- the block being run -------------------------------------------------
     def enter(self, layer: int) -> None:
         """Start block `layer`: the previous block's arrays go (kept ones live on in the trace)."""
         self.layer = layer
         self.values = {}
+        self.layouts, self.bands = {}, None
         self.protected = {key for key in self.protected if key.startswith("model:")}
 
     def stream(self) -> np.ndarray:
@@ -259,15 +267,23 @@ def rotated_q_k(state: State):
 
 
 def step_qk(state: State) -> np.ndarray:
-    return ops.grouped_scores(*rotated_q_k(state))
+    q, k = rotated_q_k(state)
+    if _fused(state, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])):
+        return fused_qk(state, q, k)
+    return ops.grouped_scores(q, k)
 
 
 def step_scaled(state: State) -> np.ndarray:
     scores = state.take("qk")
-    scores *= state.dtype.type(state.block.scale)
+    factor = state.dtype.type(state.block.scale)
     if state.plan.positional == "alibi":      # ALiBi: a per-head linear bias on the scaled scores
+        scores *= factor
         _, h, sq, sk = scores.shape
         scores += state.cast(positional.alibi_bias(h, sq, sk))
+    elif _fused(state, scores.shape):
+        fused_scale(state, scores, factor)
+    else:
+        scores *= factor
     return scores
 
 
@@ -279,16 +295,28 @@ def step_mask(state: State) -> np.ndarray:
 def step_attn_scores(state: State) -> np.ndarray:
     scores = state.take("scaled")
     if "mask" in state:
+        if _fused(state, scores.shape):
+            return fused_mask(state, scores, state["mask"])
         np.copyto(scores, state.dtype.type(-np.inf), where=~state["mask"])
     return scores
 
 
 def step_pattern(state: State) -> np.ndarray:
-    return ops.softmax(state.take("attn_scores"))
+    layout = state.layouts.get("attn_scores")
+    scores = state.take("attn_scores")
+    if not _fused(state, scores.shape):
+        return ops.softmax(scores)
+    if layout is None or layout[0] is not state["attn_scores"]:
+        layout = (None, Bands(scores.shape[2], scores.shape[3], scores.dtype.itemsize, None))
+    return fused_softmax(state, scores, layout[1], state.pool_wanted)
 
 
 def step_z(state: State) -> np.ndarray:
-    return ops.grouped_mix(state["pattern"], state["v"])
+    pattern, v = state["pattern"], state["v"]
+    layout = state.layouts.get("pattern")
+    if layout is not None and layout[0] is pattern and _fused(state, pattern.shape) and np.isfinite(v).all():
+        return fused_mix(state, pattern, v, layout[1])        # (0 · NaN is NaN: a NaN in V takes every key)
+    return ops.grouped_mix(pattern, v)
 
 
 def step_z_concat(state: State) -> np.ndarray:
@@ -303,6 +331,274 @@ def step_out(state: State) -> np.ndarray:
     if att.W_o is None:
         return concat.copy()
     return ops.linear(concat, state.cast(att.W_o.data), state.optional(att.b_o), att.layout)
+
+
+# --------------------------------------------------------------------------- fused score steps
+#
+# A long layer's score-sized steps (qk, scaled, attn_scores, pattern, z) run tile by tile: a tile is
+# one head's band of query rows (about FUSED_TILE_BYTES), and each step does all its work on a tile
+# while the tile is in cache -- the product and its min/max, the mask and the stats over visible keys,
+# softmax with its row sums, winners and pooled overview -- instead of one pass over the whole
+# (heads × seq × seq) array per reduction.  Key columns that the mask blocks for every row of a band
+# (above a causal diagonal) are filled, not computed: softmax gives them weight 0 and weights·V skips
+# them.  Bands run on FUSED_WORKERS threads (numpy and BLAS release the GIL; BLAS gets one thread
+# per tile meanwhile).  Each step still hands the whole array to the hooks, the checks and the
+# trace, and a step that is overridden (an injected bug) or hooked takes none of these short cuts.
+
+FUSED_MIN_ELEMENTS = 1 << 22     # score arrays smaller than this run the plain steps
+FUSED_TILE_BYTES = 1 << 20       # one head's band of scores: about L2-sized
+FUSED_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else (os.cpu_count() or 1)))
+_EXECUTOR = None
+_BLAS_CONTROLLER = None
+
+
+class Bands:
+    """Query-row bands of a score array, each inside one cell of the pooled overview's grid, and for
+    each band (per mask batch item) the key columns every row sees (< lo) and that no row sees (>= hi)."""
+
+    def __init__(self, seq_q: int, seq_k: int, itemsize: int, keep: Optional[np.ndarray]):
+        self.seq_q, self.seq_k = seq_q, seq_k
+        self.cells = grid_edges(seq_q, POOL_CELLS)
+        rows = max(1, FUSED_TILE_BYTES // max(1, seq_k * itemsize))
+        edges, cell_of = [], []
+        for c in range(len(self.cells) - 1):
+            start, stop = int(self.cells[c]), int(self.cells[c + 1])
+            pieces = -(-(stop - start) // rows)
+            cut = np.linspace(start, stop, pieces + 1).round().astype(np.int64)
+            edges.extend(int(e) for e in cut[:-1])
+            cell_of.extend([c] * pieces)
+        edges.append(seq_q)
+        self.edges = np.asarray(edges, dtype=np.int64)
+        self.cell_of = np.asarray(cell_of, dtype=np.int64)
+        n = len(self.edges) - 1
+        if keep is None:
+            self.lo = self.hi = np.full((1, n), seq_k, dtype=np.int64)
+            return
+        rows_keep = keep[:, 0]                                        # (batch or 1, seq_q, seq_k)
+        any_col = np.logical_or.reduceat(rows_keep, self.edges[:-1], axis=1)      # (mb, n, seq_k)
+        all_col = np.logical_and.reduceat(rows_keep, self.edges[:-1], axis=1)
+        seen = any_col.any(axis=-1)
+        self.hi = np.where(seen, seq_k - np.argmax(any_col[..., ::-1], axis=-1), 0).astype(np.int64)
+        full = all_col.all(axis=-1)
+        self.lo = np.where(full, seq_k, np.argmin(all_col, axis=-1)).astype(np.int64)
+
+    def tasks(self, batch: int):
+        """(batch item, grid cell, [band indices]) work units: one cell of the overview each."""
+        by_cell: Dict[int, list] = {}
+        for i, c in enumerate(self.cell_of):
+            by_cell.setdefault(int(c), []).append(i)
+        return [(b, c, bands) for b in range(batch) for c, bands in by_cell.items()]
+
+    def span(self, b: int, i: int):
+        m = min(b, self.lo.shape[0] - 1)
+        return int(self.edges[i]), int(self.edges[i + 1]), int(self.lo[m, i]), int(self.hi[m, i])
+
+
+def _least(values) -> float:
+    """The smallest of the tiles' minima, NaN if any tile saw one (Python's min would drop it)."""
+    return float(np.min(np.fromiter(values, dtype=np.float64)))
+
+
+def _most(values) -> float:
+    return float(np.max(np.fromiter(values, dtype=np.float64)))
+
+
+def _fused(state: State, shape) -> bool:
+    return int(np.prod(shape)) >= FUSED_MIN_ELEMENTS
+
+
+def _bands(state: State) -> Bands:
+    """The bands of this block (computed once per block, with its mask)."""
+    keep = state.values.get("mask")
+    cached = state.bands
+    if cached is not None and cached[0] is keep:
+        return cached[1]
+    plan = state.plan
+    bands = Bands(plan.size("seq_q"), plan.size("seq_k"), state.dtype.itemsize, keep)
+    state.bands = (keep, bands)
+    return bands
+
+
+def _map(function, tasks, blas: bool = False) -> list:
+    """function over tasks on FUSED_WORKERS threads (numpy's errstate carried over), BLAS on one
+    thread per task meanwhile when `blas`."""
+    global _EXECUTOR, _BLAS_CONTROLLER
+    if FUSED_WORKERS < 2 or len(tasks) < 2:
+        return [function(task) for task in tasks]
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _EXECUTOR = ThreadPoolExecutor(FUSED_WORKERS, thread_name_prefix="attntrace-band")
+    settings = np.geterr()
+
+    def run(task):
+        with np.errstate(**settings):
+            return function(task)
+    limit = contextlib.nullcontext()
+    if blas:
+        try:
+            if _BLAS_CONTROLLER is None:
+                from threadpoolctl import ThreadpoolController
+                _BLAS_CONTROLLER = ThreadpoolController()
+            limit = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+        except ImportError:           # without threadpoolctl: one band at a time, BLAS threads as they are
+            return [function(task) for task in tasks]
+    with limit:
+        return list(_EXECUTOR.map(run, tasks))
+
+
+def fused_qk(state: State, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Q·Kᵀ tile by tile into one buffer, each tile's min and max taken while it is in cache; the
+    sum of all scores is Σ_i q_i · Σ_j k_j (per batch item and head), no pass at all."""
+    b, sq, h, d = q.shape
+    sk, kv = k.shape[1], k.shape[2]
+    group = h // kv
+    out = np.empty((b, h, sq, sk), dtype=np.result_type(q, k))
+    bands = _bands(state)
+
+    def tile(task):
+        item, _, indices = task
+        lo, hi = np.inf, -np.inf
+        for i in indices:
+            r0, r1 = int(bands.edges[i]), int(bands.edges[i + 1])
+            for head in range(h):
+                block = out[item, head, r0:r1]
+                np.matmul(q[item, r0:r1, head], k[item, :, head // group].T, out=block)
+                lo, hi = np.minimum(lo, block.min()), np.maximum(hi, block.max())
+        return lo, hi
+    parts = _map(tile, bands.tasks(b), blas=True)
+    q_sum = q.sum(axis=1, dtype=np.float64)                              # (b, h, d)
+    k_sum = np.repeat(k.sum(axis=1, dtype=np.float64), group, axis=1)    # (b, h, d): each query head's kv head
+    total = float(np.einsum("bhd,bhd->", q_sum, k_sum))
+    stats = stats_from_parts(out.shape, out.dtype, _least(p[0] for p in parts), _most(p[1] for p in parts),
+                             total, out.size)
+    if stats is not None:
+        state.fused["qk"] = {"stats": stats}
+    return out
+
+
+def fused_scale(state: State, scores: np.ndarray, factor) -> np.ndarray:
+    b = scores.shape[0]
+    bands = _bands(state)
+
+    def tile(task):
+        item, _, indices = task
+        r0, r1 = int(bands.edges[indices[0]]), int(bands.edges[indices[-1] + 1])
+        block = scores[item, :, r0:r1]
+        np.multiply(block, factor, out=block)
+    _map(tile, bands.tasks(b))
+    return scores
+
+
+def fused_mask(state: State, scores: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """-inf where the mask blocks, and the min, max and sum over the visible scores, band by band:
+    columns every row of a band sees are only read, columns none sees are only written."""
+    b, h = scores.shape[:2]
+    bands = _bands(state)
+    minus_inf = scores.dtype.type(-np.inf)
+
+    def tile(task):
+        item, _, indices = task
+        lo_v, hi_v, total = np.inf, -np.inf, 0.0
+        m = min(item, keep.shape[0] - 1)
+        for i in indices:
+            r0, r1, lo, hi = bands.span(item, i)
+            visible = keep[m, 0, r0:r1, lo:hi]
+            for head in range(h):
+                block = scores[item, head, r0:r1]
+                block[:, hi:] = minus_inf
+                if lo > 0:
+                    seen = block[:, :lo]
+                    lo_v, hi_v = np.minimum(lo_v, seen.min()), np.maximum(hi_v, seen.max())
+                    total += float(seen.sum(axis=-1).sum(dtype=np.float64))
+                if hi > lo:
+                    mixed = block[:, lo:hi]
+                    np.copyto(mixed, minus_inf, where=~visible)
+                    lo_v = np.minimum(lo_v, np.min(mixed, where=visible, initial=np.inf))
+                    hi_v = np.maximum(hi_v, mixed.max())
+                    total += float(np.sum(mixed, where=visible, dtype=np.float64))
+        return lo_v, hi_v, total
+    parts = _map(tile, bands.tasks(b))
+    count = int(np.broadcast_to(keep, (b, 1) + keep.shape[2:]).sum()) * h
+    stats = stats_from_parts(scores.shape, scores.dtype, _least(p[0] for p in parts), _most(p[1] for p in parts),
+                             sum(p[2] for p in parts), count, scores.size - count)
+    if stats is not None:
+        state.fused["attn_scores"] = {"stats": stats}
+    state.layouts["attn_scores"] = (scores, bands)
+    return scores
+
+
+def fused_softmax(state: State, scores: np.ndarray, bands: Bands, pool_it: bool) -> np.ndarray:
+    """Softmax in place tile by tile (blocked columns of a band set to 0, not computed), with the
+    weights' stats, row sums, row winners and pooled overview taken from each tile in cache."""
+    b, h, sq, sk = scores.shape
+    row_sums = np.empty((b, h, sq), dtype=np.float64)
+    top = np.empty((b, h, sq), dtype=np.int64)
+    cells = bands.cells
+    col_edges = grid_edges(sk, POOL_CELLS)
+    if pool_it:
+        block_max = np.zeros((b, h, len(cells) - 1, len(col_edges) - 1), dtype=scores.dtype)
+        block_sum = np.zeros(block_max.shape, dtype=np.float64)
+
+    def tile(task):
+        item, cell, indices = task
+        lo_v, hi_v, total = np.inf, -np.inf, 0.0
+        for head in range(h):
+            if pool_it:
+                col_max = np.zeros(sk, dtype=scores.dtype)
+                col_sum = np.zeros(sk, dtype=scores.dtype)
+            for i in indices:
+                r0, r1, _, hi = bands.span(item, i)
+                block = scores[item, head, r0:r1]
+                if hi < sk:
+                    lo_v = np.minimum(lo_v, 0.0)
+                if hi == 0:
+                    block[:] = 0
+                    row_sums[item, head, r0:r1] = 0.0
+                    top[item, head, r0:r1] = 0
+                    continue
+                live = ops.softmax_prefix(block, hi)
+                sums = live.sum(axis=-1)
+                row_sums[item, head, r0:r1] = sums
+                top[item, head, r0:r1] = live.argmax(axis=-1)
+                lo_v, hi_v = np.minimum(lo_v, live.min()), np.maximum(hi_v, live.max())
+                total += float(sums.sum(dtype=np.float64))
+                if pool_it:
+                    np.maximum(col_max[:hi], live.max(axis=0), out=col_max[:hi])
+                    col_sum[:hi] += live.sum(axis=0)
+            if pool_it:
+                block_max[item, head, cell] = np.maximum.reduceat(col_max, col_edges[:-1])
+                block_sum[item, head, cell] = np.add.reduceat(col_sum.astype(np.float64), col_edges[:-1])
+        return lo_v, hi_v, total
+    parts = _map(tile, bands.tasks(b))
+    stats = stats_from_parts(scores.shape, scores.dtype, _least(p[0] for p in parts), _most(p[1] for p in parts),
+                             sum(p[2] for p in parts), scores.size)
+    if stats is not None:                 # no NaN or inf anywhere: what the tiles saw is the whole story
+        extras = {"stats": stats, "row_sums": row_sums,
+                  "winners": (np.take_along_axis(scores, top[..., None], axis=-1)[..., 0], top)}
+        if pool_it:
+            sizes = np.diff(cells)[:, None] * np.diff(col_edges)[None, :]
+            extras["pooled"] = Pooled(block_max, block_sum / sizes, cells, col_edges)
+        state.fused["pattern"] = extras
+    state.layouts["pattern"] = (scores, bands)
+    return scores
+
+
+def fused_mix(state: State, pattern: np.ndarray, v: np.ndarray, bands: Bands) -> np.ndarray:
+    """weights·V band by band over the keys a band can see (the others have weight 0 exactly)."""
+    b, h, sq, sk = pattern.shape
+    kv, dv = v.shape[2], v.shape[3]
+    group = h // kv
+    z = np.empty((b, h, sq, dv), dtype=np.result_type(pattern, v))
+
+    def tile(task):
+        item, _, indices = task
+        for i in indices:
+            r0, r1, _, hi = bands.span(item, i)
+            for head in range(h):
+                np.matmul(pattern[item, head, r0:r1, :hi], v[item, :hi, head // group], out=z[item, head, r0:r1])
+    _map(tile, bands.tasks(b), blas=True)
+    return z.transpose(0, 2, 1, 3)
 
 
 # --------------------------------------------------------------------------- chunked attention
@@ -475,13 +771,20 @@ def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> 
         if step.layer is not None and step.layer != state.layer:
             state.enter(step.layer)
         function = step_chunked_z if step.key == "z" and state.block.chunk else functions[step.key]
+        hooked = step.hook in hookset.hooked
+        standard = step.key not in (overrides or {}) and not hooked
+        state.fused.clear()
+        state.pool_wanted = not hooked and (wanted is None or step.hook not in wanted)
         array = function(state)
         if step.key == "block_max":
             chunked_summary(trace, step, state.chunked)
         array = hookset.fire(step.hook, array)
+        # what a step's tiles found holds for its own, unhooked result only
+        extras = state.fused.pop(step.key, None) if standard else None
+        if not standard:
+            state.layouts.pop(step.key, None)
         state.store(step, array)
-        keep_it = step.hook in hookset.hooked or (
-            array.size <= AUTO_KEEP_ELEMENTS if wanted is None else step.hook in wanted)
+        keep_it = hooked or (array.size <= AUTO_KEEP_ELEMENTS if wanted is None else step.hook in wanted)
         if keep_it:
             state.protect(step)
             trace.arrays[step.hook] = array
@@ -489,13 +792,15 @@ def _execute(spec, plan, hookset, keep, dtype, overrides, after_step, trace) -> 
             point = point_of(step.hook)
             trace.previews[step.hook] = preview(array, point.rows, point.cols, PREVIEW_EDGE)
             if step.key == "pattern" and array.shape[-1] > POOL_CELLS:
-                trace.pooled[step.hook] = pool(array)       # what a long sequence's overview draws
-        trace.stats[step.hook] = _step_stats(step, array, state, trace,
-                                             standard=step.key not in (overrides or {}) and
-                                             step.hook not in hookset.hooked)
+                # what a long sequence's overview draws
+                trace.pooled[step.hook] = extras["pooled"] if extras and "pooled" in extras else pool(array)
+        trace.stats[step.hook] = extras["stats"] if extras else _step_stats(step, array, state, trace, standard)
         if step.key == "pattern":
-            trace.winners[step.hook] = row_winners(array)
-            trace.row_sums[step.hook] = array.sum(axis=-1, dtype=np.float64)
+            if extras:
+                trace.winners[step.hook], trace.row_sums[step.hook] = extras["winners"], extras["row_sums"]
+            else:
+                trace.winners[step.hook] = row_winners(array)
+                trace.row_sums[step.hook] = array.sum(axis=-1, dtype=np.float64)
         if after_step is not None:
             after_step(step, array, state, trace)
         if id(step) in block_outputs:       # the next block (or the final norm) reads it
@@ -518,6 +823,8 @@ def _step_stats(step: Step, array: np.ndarray, state: State, trace: Trace, stand
     factor, and masked scores hold -inf exactly where the mask blocks."""
     if step.key == "scaled" and standard and state.plan.positional != "alibi" and state.block.scale > 0:
         return scaled_stats(trace.stats[state.plan.step("qk", step.layer).hook], state.block.scale)
+    if step.key == "attn_scores" and standard and "mask" not in state:
+        return trace.stats[state.plan.step("scaled", step.layer).hook]      # no mask: the scaled values
     if step.key == "attn_scores" and "mask" in state:
         return array_stats(array, valid=state["mask"], trusted=standard)
     return array_stats(array)
