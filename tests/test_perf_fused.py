@@ -26,6 +26,7 @@ def _spec(mask, *, batch=2, seq=SEQ, heads=4, kv=2, d=16, positional="none", see
 def _trace(monkeypatch, spec, fused, **kw):
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 0 if fused else 1 << 62)
     monkeypatch.setattr(engine, "FUSED_TILE_BYTES", 7 * SEQ * 8)        # a few rows a tile, several a cell
+    monkeypatch.setattr(engine, "PRODUCT_TILE_BYTES", 5 * SEQ * 8)
     return attntrace.run(spec, **kw)
 
 

@@ -307,8 +307,8 @@ def step_pattern(state: State) -> np.ndarray:
     if not _fused(state, scores.shape):
         return ops.softmax(scores)
     if layout is None or layout[0] is not state["attn_scores"]:
-        layout = (None, Bands(scores.shape[2], scores.shape[3], scores.dtype.itemsize, None))
-    return fused_softmax(state, scores, layout[1], state.pool_wanted)
+        layout = (None, Bands(scores.shape[2], scores.shape[3], scores.dtype.itemsize, None), None)
+    return fused_softmax(state, scores, layout[1], state.pool_wanted, layout[2])
 
 
 def step_z(state: State) -> np.ndarray:
@@ -347,6 +347,7 @@ def step_out(state: State) -> np.ndarray:
 
 FUSED_MIN_ELEMENTS = 1 << 22     # score arrays smaller than this run the plain steps
 FUSED_TILE_BYTES = 1 << 20       # one head's band of scores: about L2-sized
+PRODUCT_TILE_BYTES = 1 << 21     # a band of the products Q·Kᵀ and weights·V (taller: BLAS likes them so)
 FUSED_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                            else (os.cpu_count() or 1)))
 _EXECUTOR = None
@@ -372,16 +373,30 @@ class Bands:
         self.edges = np.asarray(edges, dtype=np.int64)
         self.cell_of = np.asarray(cell_of, dtype=np.int64)
         n = len(self.edges) - 1
+        self.past_last = None
         if keep is None:
             self.lo = self.hi = np.full((1, n), seq_k, dtype=np.int64)
             return
+        # per row: the first blocked key and one past the last visible one; a band's columns below the
+        # smallest first-blocked are seen by every row, those from the largest one-past-last by none
         rows_keep = keep[:, 0]                                        # (batch or 1, seq_q, seq_k)
-        any_col = np.logical_or.reduceat(rows_keep, self.edges[:-1], axis=1)      # (mb, n, seq_k)
-        all_col = np.logical_and.reduceat(rows_keep, self.edges[:-1], axis=1)
-        seen = any_col.any(axis=-1)
-        self.hi = np.where(seen, seq_k - np.argmax(any_col[..., ::-1], axis=-1), 0).astype(np.int64)
-        full = all_col.all(axis=-1)
-        self.lo = np.where(full, seq_k, np.argmin(all_col, axis=-1)).astype(np.int64)
+        first_blocked = np.where(rows_keep.all(axis=-1), seq_k, np.argmin(rows_keep, axis=-1))
+        past_last = np.where(rows_keep.any(axis=-1), seq_k - np.argmax(rows_keep[..., ::-1], axis=-1), 0)
+        self.lo = np.minimum.reduceat(first_blocked, self.edges[:-1], axis=-1).astype(np.int64)
+        self.hi = np.maximum.reduceat(past_last, self.edges[:-1], axis=-1).astype(np.int64)
+        self.past_last = past_last
+
+    def product_tasks(self, batch: int, itemsize: int):
+        """(batch item, first row, row after the last, keys seen) bands for the products."""
+        rows = max(1, PRODUCT_TILE_BYTES // max(1, self.seq_k * itemsize))
+        tasks = []
+        for b in range(batch):
+            for r0 in range(0, self.seq_q, rows):
+                r1 = min(r0 + rows, self.seq_q)
+                hi = self.seq_k if self.past_last is None else \
+                    int(self.past_last[min(b, self.past_last.shape[0] - 1), r0:r1].max())
+                tasks.append((b, r0, r1, hi))
+        return tasks
 
     def tasks(self, batch: int):
         """(batch item, grid cell, [band indices]) work units: one cell of the overview each."""
@@ -455,18 +470,18 @@ def fused_qk(state: State, q: np.ndarray, k: np.ndarray) -> np.ndarray:
     group = h // kv
     out = np.empty((b, h, sq, sk), dtype=np.result_type(q, k))
     bands = _bands(state)
+    q = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)     # each head's rows together
+    k = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
 
     def tile(task):
-        item, _, indices = task
+        item, r0, r1, _ = task
         lo, hi = np.inf, -np.inf
-        for i in indices:
-            r0, r1 = int(bands.edges[i]), int(bands.edges[i + 1])
-            for head in range(h):
-                block = out[item, head, r0:r1]
-                np.matmul(q[item, r0:r1, head], k[item, :, head // group].T, out=block)
-                lo, hi = np.minimum(lo, block.min()), np.maximum(hi, block.max())
+        for head in range(h):
+            block = out[item, head, r0:r1]
+            np.matmul(q[item, r0:r1, head], k[item, :, head // group].T, out=block)
+            lo, hi = np.minimum(lo, block.min()), np.maximum(hi, block.max())
         return lo, hi
-    parts = _map(tile, bands.tasks(b), blas=True)
+    parts = _map(tile, bands.product_tasks(b, out.itemsize), blas=True)
     q_sum = q.sum(axis=1, dtype=np.float64)                              # (b, h, d)
     k_sum = np.repeat(k.sum(axis=1, dtype=np.float64), group, axis=1)    # (b, h, d): each query head's kv head
     total = float(np.einsum("bhd,bhd->", q_sum, k_sum))
@@ -496,6 +511,7 @@ def fused_mask(state: State, scores: np.ndarray, keep: np.ndarray) -> np.ndarray
     b, h = scores.shape[:2]
     bands = _bands(state)
     minus_inf = scores.dtype.type(-np.inf)
+    row_max = np.empty(scores.shape[:3], dtype=scores.dtype)       # softmax's first step, taken here
 
     def tile(task):
         item, _, indices = task
@@ -507,16 +523,20 @@ def fused_mask(state: State, scores: np.ndarray, keep: np.ndarray) -> np.ndarray
             for head in range(h):
                 block = scores[item, head, r0:r1]
                 block[:, hi:] = minus_inf
+                top = row_max[item, head, r0:r1]
+                top[:] = minus_inf
                 if lo > 0:
                     seen = block[:, :lo]
-                    lo_v, hi_v = np.minimum(lo_v, seen.min()), np.maximum(hi_v, seen.max())
+                    lo_v = np.minimum(lo_v, seen.min())
+                    seen.max(axis=-1, out=top)
                     total += float(seen.sum(axis=-1).sum(dtype=np.float64))
                 if hi > lo:
                     mixed = block[:, lo:hi]
                     np.copyto(mixed, minus_inf, where=~visible)
                     lo_v = np.minimum(lo_v, np.min(mixed, where=visible, initial=np.inf))
-                    hi_v = np.maximum(hi_v, mixed.max())
+                    np.maximum(top, mixed.max(axis=-1), out=top)
                     total += float(np.sum(mixed, where=visible, dtype=np.float64))
+                hi_v = np.maximum(hi_v, top.max())
         return lo_v, hi_v, total
     parts = _map(tile, bands.tasks(b))
     count = int(np.broadcast_to(keep, (b, 1) + keep.shape[2:]).sum()) * h
@@ -524,11 +544,12 @@ def fused_mask(state: State, scores: np.ndarray, keep: np.ndarray) -> np.ndarray
                              sum(p[2] for p in parts), count, scores.size - count)
     if stats is not None:
         state.fused["attn_scores"] = {"stats": stats}
-    state.layouts["attn_scores"] = (scores, bands)
+    state.layouts["attn_scores"] = (scores, bands, row_max)
     return scores
 
 
-def fused_softmax(state: State, scores: np.ndarray, bands: Bands, pool_it: bool) -> np.ndarray:
+def fused_softmax(state: State, scores: np.ndarray, bands: Bands, pool_it: bool,
+                  row_max: Optional[np.ndarray] = None) -> np.ndarray:
     """Softmax in place tile by tile (blocked columns of a band set to 0, not computed), with the
     weights' stats, row sums, row winners and pooled overview taken from each tile in cache."""
     b, h, sq, sk = scores.shape
@@ -542,26 +563,26 @@ def fused_softmax(state: State, scores: np.ndarray, bands: Bands, pool_it: bool)
 
     def tile(task):
         item, cell, indices = task
-        lo_v, hi_v, total = np.inf, -np.inf, 0.0
+        lo_v, total = np.inf, 0.0
         for head in range(h):
             if pool_it:
                 col_max = np.zeros(sk, dtype=scores.dtype)
                 col_sum = np.zeros(sk, dtype=scores.dtype)
             for i in indices:
-                r0, r1, _, hi = bands.span(item, i)
+                r0, r1, lo, hi = bands.span(item, i)
                 block = scores[item, head, r0:r1]
-                if hi < sk:
-                    lo_v = np.minimum(lo_v, 0.0)
                 if hi == 0:
                     block[:] = 0
                     row_sums[item, head, r0:r1] = 0.0
                     top[item, head, r0:r1] = 0
+                    lo_v = np.minimum(lo_v, 0.0)
                     continue
-                live = ops.softmax_prefix(block, hi)
+                live = ops.softmax_prefix(block, hi, None if row_max is None else row_max[item, head, r0:r1, None])
                 sums = live.sum(axis=-1)
                 row_sums[item, head, r0:r1] = sums
                 top[item, head, r0:r1] = live.argmax(axis=-1)
-                lo_v, hi_v = np.minimum(lo_v, live.min()), np.maximum(hi_v, live.max())
+                # a blocked key in the band has weight 0, the least a weight can be (NaN shows in the sums)
+                lo_v = np.minimum(lo_v, 0.0 if lo < sk else live.min())
                 total += float(sums.sum(dtype=np.float64))
                 if pool_it:
                     np.maximum(col_max[:hi], live.max(axis=0), out=col_max[:hi])
@@ -569,13 +590,13 @@ def fused_softmax(state: State, scores: np.ndarray, bands: Bands, pool_it: bool)
             if pool_it:
                 block_max[item, head, cell] = np.maximum.reduceat(col_max, col_edges[:-1])
                 block_sum[item, head, cell] = np.add.reduceat(col_sum.astype(np.float64), col_edges[:-1])
-        return lo_v, hi_v, total
+        return lo_v, total
     parts = _map(tile, bands.tasks(b))
-    stats = stats_from_parts(scores.shape, scores.dtype, _least(p[0] for p in parts), _most(p[1] for p in parts),
-                             sum(p[2] for p in parts), scores.size)
+    winners = np.take_along_axis(scores, top[..., None], axis=-1)[..., 0]
+    stats = stats_from_parts(scores.shape, scores.dtype, _least(p[0] for p in parts), float(winners.max()),
+                             sum(p[1] for p in parts), scores.size)
     if stats is not None:                 # no NaN or inf anywhere: what the tiles saw is the whole story
-        extras = {"stats": stats, "row_sums": row_sums,
-                  "winners": (np.take_along_axis(scores, top[..., None], axis=-1)[..., 0], top)}
+        extras = {"stats": stats, "row_sums": row_sums, "winners": (winners, top)}
         if pool_it:
             sizes = np.diff(cells)[:, None] * np.diff(col_edges)[None, :]
             extras["pooled"] = Pooled(block_max, block_sum / sizes, cells, col_edges)
@@ -592,12 +613,10 @@ def fused_mix(state: State, pattern: np.ndarray, v: np.ndarray, bands: Bands) ->
     z = np.empty((b, h, sq, dv), dtype=np.result_type(pattern, v))
 
     def tile(task):
-        item, _, indices = task
-        for i in indices:
-            r0, r1, _, hi = bands.span(item, i)
-            for head in range(h):
-                np.matmul(pattern[item, head, r0:r1, :hi], v[item, :hi, head // group], out=z[item, head, r0:r1])
-    _map(tile, bands.tasks(b), blas=True)
+        item, r0, r1, hi = task
+        for head in range(h):
+            np.matmul(pattern[item, head, r0:r1, :hi], v[item, :hi, head // group], out=z[item, head, r0:r1])
+    _map(tile, bands.product_tasks(b, pattern.itemsize), blas=True)
     return z.transpose(0, 2, 1, 3)
 
 

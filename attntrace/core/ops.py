@@ -29,12 +29,13 @@ def softmax(scores: np.ndarray, axis: int = -1, out: Optional[np.ndarray] = None
     return out
 
 
-def softmax_prefix(block: np.ndarray, width: int) -> np.ndarray:
+def softmax_prefix(block: np.ndarray, width: int, top: Optional[np.ndarray] = None) -> np.ndarray:
     """:func:`softmax` in place over the last axis of a 2-D `block` whose columns from `width` on are
     all -inf: only the first `width` are computed, the rest are written as softmax would leave them
-    (0, or NaN in a row whose normaliser is NaN).  Returns the computed part."""
+    (0, or NaN in a row whose normaliser is NaN).  `top`: each row's max (rows, 1), when known.
+    Returns the computed part."""
     live = block[:, :width]
-    top = live.max(axis=-1, keepdims=True)
+    top = live.max(axis=-1, keepdims=True) if top is None else top.copy()
     top[~np.isfinite(top)] = 0
     np.subtract(live, top, out=live)
     np.exp(live, out=live)
