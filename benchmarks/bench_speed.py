@@ -102,10 +102,9 @@ def bare_numpy(folder: Path) -> np.ndarray:
     return z.transpose(1, 0, 2).reshape(seq, d_model) @ w_o
 
 
-def attntrace_api(spec: Path) -> np.ndarray:
+def attntrace_api(spec: Path, keep="auto"):
     import attntrace
-    trace = attntrace.run(str(spec), dtype="float32")
-    return trace["hook_attn_out"][0] if "hook_attn_out" in trace else None
+    return attntrace.run(str(spec), dtype="float32", keep=keep)
 
 
 def attntrace_command(args) -> None:
@@ -210,7 +209,7 @@ def section_full(sizes, repeat: int, use_torch: bool, tmp: Path) -> None:
             model = Torch(folder)
             cases += [("torch SDPA", model.sdpa), ("torch MHA weights", model.mha_weights)]
         reference = bare_numpy(folder)
-        agree = {"attntrace.run()": attntrace_api(spec)}
+        agree = {"attntrace.run()": attntrace_api(spec, keep=["hook_attn_out"])["hook_attn_out"][0]}
         if model is not None:
             agree.update({"torch SDPA": model.sdpa(), "torch MHA weights": model.mha_weights()})
         times = interleaved(cases, repeat)
