@@ -137,3 +137,15 @@ def test_fused_bands_cover_rows_inside_cells():
     for i in range(len(bands.edges) - 1):
         r0, r1, lo, hi = bands.span(0, i)
         assert lo == r0 + 1 and hi == r1                 # causal: only the band's diagonal block is mixed
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_steps_in_cross_attention(monkeypatch, dtype):
+    """seq_q ≠ seq_k: queries from 29 decoder tokens, keys from 61 encoder tokens, the last ones padding."""
+    rng = np.random.default_rng(3)
+    spec = {"embeddings": rng.normal(size=(2, 29, 16)), "encoder": {"embeddings": rng.normal(size=(2, SEQ, 16))},
+            "attention": {"heads": 4, "W_q": rng.normal(size=(16, 16)) / 2, "W_k": rng.normal(size=(16, 16)) / 2,
+                          "W_v": rng.normal(size=(16, 16)), "mask": {"padding": [[1] * SEQ, [1] * 50 + [0] * 11]}}}
+    for keep in ("all", ["hook_attn_out"]):
+        _compare(_trace(monkeypatch, spec, False, dtype=dtype, keep=keep),
+                 _trace(monkeypatch, spec, True, dtype=dtype, keep=keep), dtype)
