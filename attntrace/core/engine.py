@@ -437,10 +437,20 @@ def _bands(state: State) -> Bands:
 
 def _map(function, tasks, blas: bool = False) -> list:
     """function over tasks on FUSED_WORKERS threads (numpy's errstate carried over), BLAS on one
-    thread per task meanwhile when `blas`."""
+    thread per task meanwhile when `blas` (a band's products are too small to share)."""
     global _EXECUTOR, _BLAS_CONTROLLER
+    limit = contextlib.nullcontext()
+    if blas and len(tasks) > 1:
+        try:
+            if _BLAS_CONTROLLER is None:
+                from threadpoolctl import ThreadpoolController
+                _BLAS_CONTROLLER = ThreadpoolController()
+            limit = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+        except ImportError:           # without threadpoolctl: one band at a time, BLAS threads as they are
+            return [function(task) for task in tasks]
     if FUSED_WORKERS < 2 or len(tasks) < 2:
-        return [function(task) for task in tasks]
+        with limit:
+            return [function(task) for task in tasks]
     if _EXECUTOR is None:
         from concurrent.futures import ThreadPoolExecutor
         _EXECUTOR = ThreadPoolExecutor(FUSED_WORKERS, thread_name_prefix="attntrace-band")
@@ -449,15 +459,6 @@ def _map(function, tasks, blas: bool = False) -> list:
     def run(task):
         with np.errstate(**settings):
             return function(task)
-    limit = contextlib.nullcontext()
-    if blas:
-        try:
-            if _BLAS_CONTROLLER is None:
-                from threadpoolctl import ThreadpoolController
-                _BLAS_CONTROLLER = ThreadpoolController()
-            limit = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
-        except ImportError:           # without threadpoolctl: one band at a time, BLAS threads as they are
-            return [function(task) for task in tasks]
     with limit:
         return list(_EXECUTOR.map(run, tasks))
 
