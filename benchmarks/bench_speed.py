@@ -24,7 +24,8 @@ One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .n
 
    Ratios are against bare numpy and against torch MHA; outputs are compared once.
 2. **Chunked attention** (``run(spec, chunk=N)``) at ``--chunked`` sizes (default 8k/16k), each
-   in a fresh interpreter, with its peak RSS (``resource.getrusage`` maxrss).
+   in a fresh interpreter, with its peak RSS (``resource.getrusage`` maxrss, read by a small launcher
+   process: a child forked straight from this one would count this process's RSS as its own).
 3. **Start-up**: ``attntrace --help`` and ``attntrace run`` (the built-in example) in a fresh
    interpreter each.
 4. **Render** of a 2k trace (the rich output to /dev/null), and ``attntrace run --export
@@ -227,14 +228,31 @@ def section_full(sizes, repeat: int, use_torch: bool, tmp: Path) -> None:
     print("\n  target: attntrace.run() ≤ 1.05× bare numpy and ≤ 1.00× torch MHA at 2k and 4k")
 
 
+LAUNCHER = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:])
+print("PEAK", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr)
+sys.exit(done.returncode)
+"""
+
+
+def measured(code: str, *args, timeout=None):
+    """Run `python -c code args` under a small launcher, so that the child's getrusage maxrss is its own (a
+    child forked from this big process would start from this process's RSS); returns (completed, peak bytes)."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", code, *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    peaks = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK")]
+    return done, (peaks[-1] if peaks else 0)
+
+
 CHUNK_CODE = """
-import resource, sys, time
+import sys, time
 import attntrace
 start = time.perf_counter()
 trace = attntrace.run(sys.argv[1], dtype="float32", chunk=int(sys.argv[2]))
 elapsed = time.perf_counter() - start
 assert "attn.hook_block_max" in trace.plan.hooks and "attn.hook_pattern" not in trace.arrays
-print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, trace.plan.size("seq_q"))
+print(elapsed, trace.plan.size("seq_q"))
 """
 
 
@@ -244,14 +262,13 @@ def section_chunked(sizes, chunk: int, tmp: Path) -> None:
     for seq in sizes:
         folder = tmp / f"chunk{seq}"
         spec = write_inputs(folder, seq)
-        done = subprocess.run([sys.executable, "-c", CHUNK_CODE, str(spec), str(chunk)], env=ENV,
-                              capture_output=True, text=True)
+        done, rss = measured(CHUNK_CODE, spec, chunk)
         if done.returncode != 0:
             why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
             print(f"  {seq:6d} failed: {why}")
             continue
-        elapsed, rss, _ = done.stdout.split()
-        print(f"  {seq:6d} {ms(float(elapsed))} {int(rss) / 2**30:8.2f} GiB")
+        elapsed, _ = done.stdout.split()
+        print(f"  {seq:6d} {ms(float(elapsed))} {rss / 2**30:8.2f} GiB")
     print("  target: 16,384 tokens under 2 GB peak RSS")
 
 
@@ -281,7 +298,7 @@ except SystemExit as done:
 except MemoryError:
     code = "MemoryError"
 elapsed = time.perf_counter() - start
-print("RESULT", elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, code, file=sys.stderr)
+print("RESULT", elapsed, code, file=sys.stderr)
 """
 
 
@@ -310,8 +327,7 @@ def section_render_export(seq: int, repeat: int, export: bool, cap: int, limit: 
     target = folder / "trace.json"
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", EXPORT_CODE, str(spec), str(target), str(cap)], env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=limit)
+        done, rss = measured(EXPORT_CODE, spec, target, cap, timeout=limit)
     except subprocess.TimeoutExpired:
         print(f"  run --export trace.json       did not finish in {limit:.0f} s (stopped)")
         return
@@ -324,10 +340,10 @@ def section_render_export(seq: int, repeat: int, export: bool, cap: int, limit: 
         print(f"  run --export trace.json       failed after {time.perf_counter() - start:.1f} s: "
               f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return
-    _, elapsed, rss, code = result[-1].split()
+    _, elapsed, code = result[-1].split()
     verdict = "" if code == "0" else f"   FAILED ({code}; address space capped at {cap / 2**30:.0f} GiB)"
     print(f"  run --export trace.json       {ms(float(elapsed))}   {float(elapsed) / run_t:.1f}× the run, "
-          f"peak RSS {int(rss) / 2**30:.2f} GiB, {size / 2**20:.0f} MiB written{verdict}")
+          f"peak RSS {rss / 2**30:.2f} GiB, {size / 2**20:.0f} MiB written{verdict}")
     print("  target: the JSON export of a 2k trace ≤ 2× the run")
 
 
