@@ -13,6 +13,10 @@ their input is not kept, so a 4k-token, 12-head layer needs one
 (heads × seq × seq) buffer, not five.  A spec of transformer blocks runs
 block after block; a block's arrays are dropped when the next block starts
 (unless kept), so memory does not grow with the number of layers.
+
+A long layer's score-sized steps run tile by tile, each step's stats taken from
+its tiles while they are in cache (see "fused score steps" below); the trace is
+the same as the plain steps' (tests/test_perf_fused.py compares the two).
 """
 from __future__ import annotations
 
