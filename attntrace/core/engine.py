@@ -414,6 +414,13 @@ class Bands:
         return int(self.edges[i]), int(self.edges[i + 1]), int(self.lo[m, i]), int(self.hi[m, i])
 
 
+def _head_groups(heads: int, rows: int, width: int, itemsize: int):
+    """Ranges of heads whose band (rows × width each) together make about one tile: short rows go
+    several heads at a time, so that numpy's per-call cost does not swamp small tiles."""
+    g = max(1, min(heads, FUSED_TILE_BYTES // max(1, rows * width * itemsize)))
+    return [(start, min(start + g, heads)) for start in range(0, heads, g)]
+
+
 def _least(values) -> float:
     """The smallest of the tiles' minima, NaN if any tile saw one (Python's min would drop it)."""
     return float(np.min(np.fromiter(values, dtype=np.float64)))
@@ -525,19 +532,20 @@ def fused_mask(state: State, scores: np.ndarray, keep: np.ndarray) -> np.ndarray
         for i in indices:
             r0, r1, lo, hi = bands.span(item, i)
             visible = keep[m, 0, r0:r1, lo:hi]
-            for head in range(h):
-                block = scores[item, head, r0:r1]
-                block[:, hi:] = minus_inf
-                top = row_max[item, head, r0:r1]
-                top[:] = minus_inf
+            blocked = ~visible
+            for h0, h1 in _head_groups(h, r1 - r0, hi, scores.itemsize):
+                block = scores[item, h0:h1, r0:r1]                    # (heads, rows, seq_k)
+                block[..., hi:] = minus_inf
+                top = row_max[item, h0:h1, r0:r1]
+                top[...] = minus_inf
                 if lo > 0:
-                    seen = block[:, :lo]
+                    seen = block[..., :lo]
                     lo_v = np.minimum(lo_v, seen.min())
                     seen.max(axis=-1, out=top)
                     total += float(seen.sum(axis=-1).sum(dtype=np.float64))
                 if hi > lo:
-                    mixed = block[:, lo:hi]
-                    np.copyto(mixed, minus_inf, where=~visible)
+                    mixed = block[..., lo:hi]
+                    np.copyto(mixed, minus_inf, where=blocked)
                     lo_v = np.minimum(lo_v, np.min(mixed, where=visible, initial=np.inf))
                     np.maximum(top, mixed.max(axis=-1), out=top)
                     total += float(np.sum(mixed, where=visible, dtype=np.float64))
@@ -569,32 +577,33 @@ def fused_softmax(state: State, scores: np.ndarray, bands: Bands, pool_it: bool,
     def tile(task):
         item, cell, indices = task
         lo_v, total = np.inf, 0.0
-        for head in range(h):
+        spans = [bands.span(item, i) for i in indices]
+        tallest = max(r1 - r0 for r0, r1, _, _ in spans)
+        for h0, h1 in _head_groups(h, tallest, max(hi for *_, hi in spans), scores.itemsize):
             if pool_it:
-                col_max = np.zeros(sk, dtype=scores.dtype)
-                col_sum = np.zeros(sk, dtype=scores.dtype)
-            for i in indices:
-                r0, r1, lo, hi = bands.span(item, i)
-                block = scores[item, head, r0:r1]
+                col_max = np.zeros((h1 - h0, sk), dtype=scores.dtype)
+                col_sum = np.zeros((h1 - h0, sk), dtype=scores.dtype)
+            for r0, r1, lo, hi in spans:
+                block = scores[item, h0:h1, r0:r1]                    # (heads, rows, seq_k)
                 if hi == 0:
-                    block[:] = 0
-                    row_sums[item, head, r0:r1] = 0.0
-                    top[item, head, r0:r1] = 0
+                    block[...] = 0
+                    row_sums[item, h0:h1, r0:r1] = 0.0
+                    top[item, h0:h1, r0:r1] = 0
                     lo_v = np.minimum(lo_v, 0.0)
                     continue
-                live = ops.softmax_prefix(block, hi, None if row_max is None else row_max[item, head, r0:r1, None])
+                live = ops.softmax_prefix(block, hi, None if row_max is None else row_max[item, h0:h1, r0:r1, None])
                 sums = live.sum(axis=-1)
-                row_sums[item, head, r0:r1] = sums
-                top[item, head, r0:r1] = live.argmax(axis=-1)
+                row_sums[item, h0:h1, r0:r1] = sums
+                top[item, h0:h1, r0:r1] = live.argmax(axis=-1)
                 # a blocked key in the band has weight 0, the least a weight can be (NaN shows in the sums)
                 lo_v = np.minimum(lo_v, 0.0 if lo < sk else live.min())
                 total += float(sums.sum(dtype=np.float64))
                 if pool_it:
-                    np.maximum(col_max[:hi], live.max(axis=0), out=col_max[:hi])
-                    col_sum[:hi] += live.sum(axis=0)
+                    np.maximum(col_max[:, :hi], live.max(axis=-2), out=col_max[:, :hi])
+                    col_sum[:, :hi] += live.sum(axis=-2)
             if pool_it:
-                block_max[item, head, cell] = np.maximum.reduceat(col_max, col_edges[:-1])
-                block_sum[item, head, cell] = np.add.reduceat(col_sum.astype(np.float64), col_edges[:-1])
+                block_max[item, h0:h1, cell] = np.maximum.reduceat(col_max, col_edges[:-1], axis=-1)
+                block_sum[item, h0:h1, cell] = np.add.reduceat(col_sum.astype(np.float64), col_edges[:-1], axis=-1)
         return lo_v, total
     parts = _map(tile, bands.tasks(b))
     winners = np.take_along_axis(scores, top[..., None], axis=-1)[..., 0]

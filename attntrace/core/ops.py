@@ -30,11 +30,11 @@ def softmax(scores: np.ndarray, axis: int = -1, out: Optional[np.ndarray] = None
 
 
 def softmax_prefix(block: np.ndarray, width: int, top: Optional[np.ndarray] = None) -> np.ndarray:
-    """:func:`softmax` in place over the last axis of a 2-D `block` whose columns from `width` on are
-    all -inf: only the first `width` are computed, the rest are written as softmax would leave them
-    (0, or NaN in a row whose normaliser is NaN).  `top`: each row's max (rows, 1), when known.
+    """:func:`softmax` in place over the last axis of `block` whose columns from `width` on are all
+    -inf: only the first `width` are computed, the rest are written as softmax would leave them (0,
+    or NaN in a row whose normaliser is NaN).  `top`: each row's max (keepdims), when known.
     Returns the computed part."""
-    live = block[:, :width]
+    live = block[..., :width]
     top = live.max(axis=-1, keepdims=True) if top is None else top.copy()
     top[~np.isfinite(top)] = 0
     np.subtract(live, top, out=live)
@@ -43,10 +43,11 @@ def softmax_prefix(block: np.ndarray, width: int, top: Optional[np.ndarray] = No
     total[total == 0] = 1
     live /= total
     if width < block.shape[-1]:
-        block[:, width:] = 0
-        nan = np.isnan(total[:, 0])
+        rest = block[..., width:]
+        rest[...] = 0
+        nan = np.isnan(total[..., 0])
         if nan.any():
-            block[nan, width:] = np.nan                  # 0 / NaN
+            rest[nan] = np.nan                          # 0 / NaN
     return live
 
 
