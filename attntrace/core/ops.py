@@ -29,6 +29,28 @@ def softmax(scores: np.ndarray, axis: int = -1, out: Optional[np.ndarray] = None
     return out
 
 
+def softmax_prefix(block: np.ndarray, width: int, top: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`softmax` in place over the last axis of `block` whose columns from `width` on are all
+    -inf: only the first `width` are computed, the rest are written as softmax would leave them (0,
+    or NaN in a row whose normaliser is NaN).  `top`: each row's max (keepdims), when known.
+    Returns the computed part."""
+    live = block[..., :width]
+    top = live.max(axis=-1, keepdims=True) if top is None else top.copy()
+    top[~np.isfinite(top)] = 0
+    np.subtract(live, top, out=live)
+    np.exp(live, out=live)
+    total = live.sum(axis=-1, keepdims=True)
+    total[total == 0] = 1
+    live /= total
+    if width < block.shape[-1]:
+        rest = block[..., width:]
+        rest[...] = 0
+        nan = np.isnan(total[..., 0])
+        if nan.any():
+            rest[nan] = np.nan                          # 0 / NaN
+    return live
+
+
 def grouped_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Q (b, sq, h, d) · K (b, sk, kv, d)ᵀ -> (b, h, sq, sk); query head i uses kv head i // (h/kv)."""
     b, sq, h, d = q.shape

@@ -95,6 +95,16 @@ def _masked_stats(array: np.ndarray, valid: np.ndarray, shape, dtype, trusted: b
     return Stats(shape, dtype, lo, hi, total / n_valid, neginf=array.size - n_valid)
 
 
+def stats_from_parts(shape, dtype, lo: float, hi: float, total: float, count: int,
+                     neginf: int = 0) -> Optional[Stats]:
+    """Stats from the min, max and sum a fused pass took over `count` values (the rest -inf, counted
+    in `neginf`); None when a NaN or an inf shows among them (count those slowly, with array_stats)."""
+    if count == 0 or not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(total)):
+        return None
+    return Stats(tuple(int(s) for s in shape), str(dtype), float(lo), float(hi), float(total) / count,
+                 neginf=int(neginf))
+
+
 def scaled_stats(stats: Stats, factor: float) -> Stats:
     """Stats of array·factor (factor > 0) from the stats of the array: no pass over the data."""
     def times(x):

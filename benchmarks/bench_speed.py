@@ -1,0 +1,402 @@
+"""Benchmark: attntrace against bare numpy and PyTorch, side by side, in one run.
+
+    python benchmarks/bench_speed.py                 # everything (several minutes)
+    python benchmarks/bench_speed.py --quick         # 1k/2k, chunked 8k, fewer repeats
+    python benchmarks/bench_speed.py --sizes 2048,4096 --chunked 16384 --repeat 7 --no-export
+
+One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .npy files
+(x and W_q, W_k, W_v, W_o), written to a temporary folder.  Sections:
+
+1. **Full traces** at each ``--sizes`` (default 1k/2k/4k), the implementations interleaved
+   (each round runs every one once, in a rotated order, with a 0.1 s pause between them:
+   OpenBLAS threads spin for a while after a product) and the median of ``--repeat`` rounds:
+
+   * bare numpy: load the .npy files, project, split heads, Q·Kᵀ, scale, mask, softmax in
+     place, ·V, merge heads, ·W_o -- the math only;
+   * ``attntrace.run(spec, dtype="float32")``: the full trace (every hook's stats, previews,
+     the pattern's row sums, winners and pooled overview, the invariant checks);
+   * ``attntrace run spec.yaml --dtype float32``: the command, in this process, its rendering
+     written to /dev/null (spec parsing, pre-flight, the trace, the rich output);
+   * torch SDPA: the same layer with ``F.scaled_dot_product_attention(is_causal=True)`` (no
+     weights materialised: a speed reference, not a peer);
+   * torch MHA: ``nn.MultiheadAttention(need_weights=True, average_attn_weights=False)`` with a
+     causal mask -- the fair peer, since it materialises every head's weights as a tracer must.
+
+   Ratios are against bare numpy and against torch MHA, of the medians and ("(min)") of the
+   fastest rounds -- on a shared machine the two can differ; outputs are compared once.
+2. **Chunked attention** (``run(spec, chunk=N)``) at ``--chunked`` sizes (default 8k/16k), each
+   in a fresh interpreter, with its peak RSS (``resource.getrusage`` maxrss, read by a small launcher
+   process: a child forked straight from this one would count this process's RSS as its own).
+3. **Start-up**: ``attntrace --help`` and ``attntrace run`` (the built-in example) in a fresh
+   interpreter each.
+4. **Render** of a 2k trace (the rich output to /dev/null), and ``attntrace run --export
+   trace.json`` of a 2k trace in a fresh interpreter (with an address-space cap, ``--export-cap``,
+   and a time limit, so a run that would not fit fails instead of swapping the machine).
+
+Targets (issue 14): a full trace ≤ 1.05× bare numpy and no slower than torch MHA at 2k and 4k;
+chunked 16k under 2 GB peak RSS; ``--help`` ≤ 0.15 s; ``run`` on the example ≤ 0.4 s; the JSON
+export of a 2k trace ≤ 2× the run.  This checkout's attntrace is the one measured (it is put
+first on PYTHONPATH, also for the fresh interpreters).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get(
+    "PYTHONPATH", "").split(os.pathsep) if p]))
+D_MODEL, HEADS = 768, 12
+PAUSE = 0.1
+
+
+# --------------------------------------------------------------------------- inputs
+
+def write_inputs(folder: Path, seq: int, chunk: int = 0) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "x.npy", rng.normal(size=(seq, D_MODEL)).astype(np.float32))
+    for name in ("w_q", "w_k", "w_v", "w_o"):
+        np.save(folder / f"{name}.npy", (rng.normal(size=(D_MODEL, D_MODEL)) / np.sqrt(D_MODEL)).astype(np.float32))
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        "version: 1\nname: benchmark\nembeddings: {npy: x.npy}\nattention:\n"
+        f"  heads: {HEADS}\n  W_q: {{npy: w_q.npy}}\n  W_k: {{npy: w_k.npy}}\n"
+        "  W_v: {npy: w_v.npy}\n  W_o: {npy: w_o.npy}\n  mask: causal\n" +
+        (f"  chunk: {chunk}\n" if chunk else ""))
+    return spec
+
+
+def load(folder: Path):
+    return [np.load(folder / f"{n}.npy") for n in ("x", "w_q", "w_k", "w_v", "w_o")]
+
+
+# --------------------------------------------------------------------------- the implementations
+
+def bare_numpy(folder: Path) -> np.ndarray:
+    x, w_q, w_k, w_v, w_o = load(folder)
+    seq, d_model = x.shape
+    d_head = d_model // HEADS
+
+    def split(t):
+        return t.reshape(seq, HEADS, d_head).transpose(1, 0, 2)
+
+    q, k, v = split(x @ w_q), split(x @ w_k), split(x @ w_v)
+    scores = q @ k.transpose(0, 2, 1)
+    scores *= x.dtype.type(1 / np.sqrt(d_head))
+    scores[:, np.triu(np.ones((seq, seq), dtype=bool), k=1)] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    z = scores @ v
+    return z.transpose(1, 0, 2).reshape(seq, d_model) @ w_o
+
+
+def attntrace_api(spec: Path, keep="auto"):
+    import attntrace
+    return attntrace.run(str(spec), dtype="float32", keep=keep)
+
+
+def attntrace_command(args) -> None:
+    """The real `attntrace run`, in this process, its output written to /dev/null."""
+    from attntrace.cli.main import cli
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        try:
+            cli.main(args=list(args), prog_name="attntrace", standalone_mode=False)
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise RuntimeError(f"attntrace {' '.join(args)} exited with {done.code}") from None
+
+
+class Torch:
+    """The same layer in PyTorch, weights copied from the .npy files."""
+
+    def __init__(self, folder: Path):
+        import torch
+        self.torch = torch
+        torch.set_grad_enabled(False)
+        x, w_q, w_k, w_v, w_o = load(folder)
+        self.folder = folder
+        self.w = [torch.from_numpy(w) for w in (w_q, w_k, w_v, w_o)]
+        mha = torch.nn.MultiheadAttention(D_MODEL, HEADS, bias=False, batch_first=True).eval()
+        mha.in_proj_weight.copy_(torch.cat([w.T for w in self.w[:3]]))
+        mha.out_proj.weight.copy_(self.w[3].T)
+        self.mha = mha
+        seq = x.shape[0]
+        self.mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)      # True = blocked
+
+    def x(self):
+        return self.torch.from_numpy(np.load(self.folder / "x.npy"))[None]
+
+    def sdpa(self) -> np.ndarray:
+        torch = self.torch
+        x = self.x()
+        seq = x.shape[1]
+        q, k, v = ((x @ w).view(1, seq, HEADS, -1).transpose(1, 2) for w in self.w[:3])
+        z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return (z.transpose(1, 2).reshape(1, seq, D_MODEL) @ self.w[3])[0].numpy()
+
+    def mha_weights(self) -> np.ndarray:
+        x = self.x()
+        out, weights = self.mha(x, x, x, need_weights=True, average_attn_weights=False, attn_mask=self.mask)
+        assert weights.shape == (1, HEADS, x.shape[1], x.shape[1])
+        return out[0].numpy()
+
+
+# --------------------------------------------------------------------------- timing
+
+def interleaved(cases, repeat: int):
+    """{name: [seconds, ...]}: every case once per round, the order rotated round by round."""
+    times = {name: [] for name, _ in cases}
+    for _name, fn in cases:                      # warm: imports, caches, first-touch of the code paths
+        fn()
+        time.sleep(PAUSE)
+    for r in range(repeat):
+        order = cases[r % len(cases):] + cases[:r % len(cases)]
+        for name, fn in order:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            time.sleep(PAUSE)
+    return times
+
+
+def fresh(args, repeat: int, cwd=None):
+    """Median and all wall times of `python args...` in a fresh interpreter, output to /dev/null."""
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *args], check=True, env=ENV, cwd=cwd,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), times[1:]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.0f} ms"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------- sections
+
+def section_full(sizes, repeat: int, use_torch: bool, tmp: Path) -> None:
+    print(f"\n## Full traces: causal, d_model {D_MODEL}, {HEADS} heads, float32 (median of {repeat}, interleaved)")
+    for seq in sizes:
+        folder = tmp / f"full{seq}"
+        spec = write_inputs(folder, seq)
+        cases = [("bare numpy", lambda folder=folder: bare_numpy(folder)),
+                 ("attntrace.run()", lambda spec=spec: attntrace_api(spec)),
+                 ("attntrace run (cmd)",
+                  lambda spec=spec: attntrace_command(["run", str(spec), "--dtype", "float32"]))]
+        model = None
+        if use_torch:
+            model = Torch(folder)
+            cases += [("torch SDPA", model.sdpa), ("torch MHA weights", model.mha_weights)]
+        reference = bare_numpy(folder)
+        agree = {"attntrace.run()": attntrace_api(spec, keep=["hook_attn_out"])["hook_attn_out"][0]}
+        if model is not None:
+            agree.update({"torch SDPA": model.sdpa(), "torch MHA weights": model.mha_weights()})
+        times = interleaved(cases, repeat)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        base, peer = med["bare numpy"], med.get("torch MHA weights")
+        print(f"\nseq {seq}  (load average {load_average()})")
+        least = {name: min(t) for name, t in times.items()}
+        print(f"  {'':22s} {'median':>11s} {'min':>11s}  {'× numpy':>8s} {'(min)':>6s}  {'× MHA':>6s} {'(min)':>6s}"
+              f"  max |out − numpy|")
+        for name, _ in cases:
+            diff = agree.get(name)
+            diff_text = "" if diff is None else f"{float(np.max(np.abs(diff - reference))):.2e}"
+            vs_peer = f"{med[name] / peer:6.2f} {least[name] / least['torch MHA weights']:6.2f}" if peer else \
+                "     -      -"
+            print(f"  {name:22s} {ms(med[name])} {ms(least[name])}  {med[name] / base:7.2f}× "
+                  f"{least[name] / least['bare numpy']:5.2f}×  {vs_peer}  {diff_text}")
+        del model
+    print("\n  target: attntrace.run() ≤ 1.05× bare numpy and ≤ 1.00× torch MHA at 2k and 4k")
+
+
+LAUNCHER = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:])
+print("PEAK", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr)
+sys.exit(done.returncode)
+"""
+
+
+def measured(code: str, *args, timeout=None):
+    """Run `python -c code args` under a small launcher, so that the child's getrusage maxrss is its own (a
+    child forked from this big process would start from this process's RSS); returns (completed, peak bytes)."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", code, *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    peaks = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK")]
+    return done, (peaks[-1] if peaks else 0)
+
+
+CHUNK_CODE = """
+import sys, time
+import attntrace
+start = time.perf_counter()
+trace = attntrace.run(sys.argv[1], dtype="float32", chunk=int(sys.argv[2]))
+elapsed = time.perf_counter() - start
+assert "attn.hook_block_max" in trace.plan.hooks and "attn.hook_pattern" not in trace.arrays
+print(elapsed, trace.plan.size("seq_q"))
+"""
+
+
+def section_chunked(sizes, chunk: int, tmp: Path) -> None:
+    print(f"\n## Chunked attention: run(spec, chunk={chunk}), float32, one fresh interpreter per size")
+    print(f"  {'seq':>6s} {'run':>11s} {'peak RSS':>10s}")
+    for seq in sizes:
+        folder = tmp / f"chunk{seq}"
+        spec = write_inputs(folder, seq)
+        done, rss = measured(CHUNK_CODE, spec, chunk)
+        if done.returncode != 0:
+            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+            print(f"  {seq:6d} failed: {why}")
+            continue
+        elapsed, _ = done.stdout.split()
+        print(f"  {seq:6d} {ms(float(elapsed))} {rss / 2**30:8.2f} GiB")
+    print("  target: 16,384 tokens under 2 GB peak RSS")
+
+
+def section_startup(repeat: int) -> None:
+    print(f"\n## Start-up (fresh interpreter each, median of {repeat})")
+    help_t, help_all = fresh(["-m", "attntrace", "--help"], repeat)
+    run_t, run_all = fresh(["-m", "attntrace", "run"], repeat)
+    print(f"  attntrace --help              {ms(help_t)}   (target ≤ 150 ms)   all: "
+          + " ".join(f"{t * 1000:.0f}" for t in help_all))
+    print(f"  attntrace run (built-in)      {ms(run_t)}   (target ≤ 400 ms)   all: "
+          + " ".join(f"{t * 1000:.0f}" for t in run_all))
+
+
+EXPORT_CODE = """
+import resource, sys, time
+cap = int(sys.argv[3])
+if cap:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+from attntrace.cli.main import cli
+start = time.perf_counter()
+try:
+    cli.main(args=["run", sys.argv[1], "--dtype", "float32", "--export", sys.argv[2]], prog_name="attntrace",
+             standalone_mode=False)
+    code = 0
+except SystemExit as done:
+    code = done.code or 0
+except MemoryError:
+    code = "MemoryError"
+elapsed = time.perf_counter() - start
+print("RESULT", elapsed, code, file=sys.stderr)
+"""
+
+
+def section_render_export(seq: int, repeat: int, export: bool, cap: int, limit: float, tmp: Path) -> None:
+    import attntrace
+    from attntrace.render.output import make_console
+    from attntrace.render.trace_view import ViewOptions, render_trace
+    folder = tmp / f"render{seq}"
+    spec = write_inputs(folder, seq)
+    print(f"\n## Render and export of a {seq}-token trace (float32)")
+    traces = []
+
+    def trace_it():
+        traces[:] = [attntrace.run(str(spec), dtype="float32")]
+
+    def render_it():
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            render_trace(make_console(), traces[0], ViewOptions())
+    trace_it()
+    times = interleaved([("run", trace_it), ("render", render_it)], repeat)
+    run_t, render_t = statistics.median(times["run"]), statistics.median(times["render"])
+    print(f"  attntrace.run()               {ms(run_t)}")
+    print(f"  render (rich, to /dev/null)   {ms(render_t)}   {render_t / run_t:.2f}× the run")
+    if not export:
+        return
+    target = folder / "trace.json"
+    start = time.perf_counter()
+    try:
+        done, rss = measured(EXPORT_CODE, spec, target, cap, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(f"  run --export trace.json       did not finish in {limit:.0f} s (stopped)")
+        return
+    finally:
+        size = target.stat().st_size if target.exists() else 0
+        if target.exists():
+            target.unlink()
+    result = [line for line in done.stderr.splitlines() if line.startswith("RESULT")]
+    if not result:
+        print(f"  run --export trace.json       failed after {time.perf_counter() - start:.1f} s: "
+              f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return
+    _, elapsed, code = result[-1].split()
+    verdict = "" if code == "0" else f"   FAILED ({code}; address space capped at {cap / 2**30:.0f} GiB)"
+    print(f"  run --export trace.json       {ms(float(elapsed))}   {float(elapsed) / run_t:.1f}× the run, "
+          f"peak RSS {rss / 2**30:.2f} GiB, {size / 2**20:.0f} MiB written{verdict}")
+    print("  target: the JSON export of a 2k trace ≤ 2× the run")
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1024,2048,4096", help="full-trace sizes (comma-separated)")
+    parser.add_argument("--chunked", default="8192,16384", help="chunked sizes ('' for none)")
+    parser.add_argument("--chunk", type=int, default=512, help="key block of the chunked runs")
+    parser.add_argument("--repeat", type=int, default=7, help="rounds of the interleaved timings")
+    parser.add_argument("--startup-repeat", type=int, default=5)
+    parser.add_argument("--render-seq", type=int, default=2048)
+    parser.add_argument("--no-torch", action="store_true", help="leave torch out even when installed")
+    parser.add_argument("--no-export", action="store_true", help="skip the JSON export")
+    parser.add_argument("--export-cap", type=float, default=6.0, help="GiB of address space the export may use")
+    parser.add_argument("--export-limit", type=float, default=120.0, help="seconds the export may take")
+    parser.add_argument("--quick", action="store_true", help="1k/2k, chunked 8k, 3 rounds")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.chunked, args.repeat, args.startup_repeat = "1024,2048", "8192", 3, 3
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    chunked = [int(s) for s in args.chunked.split(",") if s.strip()]
+    use_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+
+    import attntrace
+    blas = ""
+    try:
+        from threadpoolctl import threadpool_info
+        blas = ", ".join(f"{i['internal_api']} {i.get('version') or ''} ×{i['num_threads']}"
+                         for i in threadpool_info() if i["user_api"] == "blas")
+    except ImportError:
+        pass
+    torch_text = "not installed" if not use_torch else __import__("torch").__version__
+    print(f"# bench_speed: attntrace {getattr(attntrace, '__version__', '?')} from {Path(attntrace.__file__).parent}")
+    print(f"python {platform.python_version()}, numpy {np.__version__} ({blas or 'BLAS ?'}), torch {torch_text}, "
+          f"{os.cpu_count()} CPUs, load average {load_average()}")
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        if sizes:
+            section_full(sizes, args.repeat, use_torch, tmp)
+        if chunked:
+            section_chunked(chunked, args.chunk, tmp)
+        section_startup(args.startup_repeat)
+        if args.render_seq:
+            section_render_export(args.render_seq, max(3, args.repeat // 2), not args.no_export,
+                                  int(args.export_cap * 2**30), args.export_limit, tmp)
+    print(f"\nload average at the end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
