@@ -166,3 +166,41 @@ def test_hooks_command_with_a_spec_gives_shapes(invoke, write_spec):
 def test_hooks_command_bad_spec_exit_2(invoke, write_spec):
     code, out = invoke("hooks", write_spec("version: 1\ntokens: [A\n"))
     assert code == 2
+
+
+def test_the_output_is_always_kept_even_when_it_is_big():
+    """keep="auto" keeps arrays up to 1M values, but trace["output"] must work at any size."""
+    rng = np.random.default_rng(0)
+    seq, d_model = 1500, 700                                  # the output holds 1.05M values
+    x = rng.normal(size=(seq, d_model))
+    w_q, w_k, w_v = (rng.normal(size=(d_model, 4)) for _ in range(3))
+    trace = attntrace.run({"version": 1, "embeddings": x,
+                           "attention": {"heads": 1, "W_q": w_q, "W_k": w_k, "W_v": w_v, "W_o": np.eye(4, d_model)}})
+    scores = (x @ w_q) @ (x @ w_k).T / 2.0
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(trace["output"][0], weights @ (x @ w_v) @ np.eye(4, d_model), rtol=1e-9, atol=1e-12)
+    assert "attn.hook_pattern" not in trace                  # 2.25M values: summarised, not kept
+
+
+@pytest.mark.parametrize("seq", [6, 300])        # 300: the engine's banded (fused) score steps
+def test_checks_the_engine_vouches_for_still_run_on_hooked_steps(seq):
+    """Blocked scores are -inf and blocked weights 0 by construction of the engine's own steps, so
+    those checks skip the scan; a hook that changes the steps must still be caught."""
+    rng = np.random.default_rng(1)
+    spec = {"version": 1, "embeddings": rng.normal(size=(seq, 8)),
+            "attention": {"heads": 2, "mask": "causal",
+                          **{w: rng.normal(size=(8, 8)) for w in ("W_q", "W_k", "W_v")}}}
+    clean = attntrace.run(spec)
+    assert {"masked positions get exactly zero weight",
+            "masked scores are −inf exactly, and no NaN sits at a masked position"} <= set(clean.checks_passed)
+
+    def finite_mask(scores, hook):
+        return np.where(np.isneginf(scores), -1e4, scores)
+    caught = attntrace.run(spec, hooks=[("attn.hook_attn_scores", finite_mask)])
+    assert "ATT-W248" in [d.code for d in caught.diagnoses]
+
+    def leak(pattern, hook):
+        return pattern + 1e-3
+    caught = attntrace.run(spec, hooks=[("attn.hook_pattern", leak)])
+    assert "ATT-W202" in [d.code for d in caught.diagnoses]

@@ -441,6 +441,8 @@ def masked_scores(ctx) -> Optional[List[Diagnosis]]:
     scores = ctx.values.get("attn_scores")
     if keep is None or scores is None:
         return None
+    if ctx.engine_computed("attn_scores"):
+        return []                   # the engine's masking replaces blocked scores by -inf (NaN included)
     blocked = ~keep
     if not blocked.any():
         return []

@@ -825,7 +825,10 @@ def _execute_steps(plan: Plan, state: State, trace: Trace, functions: Dict[str, 
         if not standard:
             state.layouts.pop(step.key, None)
         state.store(step, array)
-        keep_it = hooked or (array.size <= AUTO_KEEP_ELEMENTS if wanted is None else step.hook in wanted)
+        if standard:
+            trace.engine_computed.add(step.hook)
+        keep_it = hooked or step is plan.steps[-1] or (     # the output is always kept: trace["output"]
+            array.size <= AUTO_KEEP_ELEMENTS if wanted is None else step.hook in wanted)
         if keep_it:
             state.protect(step)
             trace.arrays[step.hook] = array

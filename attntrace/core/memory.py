@@ -82,7 +82,8 @@ def estimate(spec, plan, dtype: str = "float64", kept: Optional[Set[str]] = None
     retained, parts = 0, {}
     for step in plan.steps:
         nbytes = plan.result_bytes(step, itemsize)
-        keep = nbytes // itemsize <= AUTO_KEEP_ELEMENTS if kept is None else step.hook in kept
+        keep = step is plan.steps[-1] or (      # the engine always keeps the output
+            nbytes // itemsize <= AUTO_KEEP_ELEMENTS if kept is None else step.hook in kept)
         if keep:
             retained += nbytes
             parts[step.hook] = nbytes

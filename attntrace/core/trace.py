@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import numpy as np
 
@@ -24,6 +24,9 @@ class Trace:
     pooled: Dict[str, Pooled] = field(default_factory=dict)         # long score steps not kept: an overview
     diagnoses: List[Diagnosis] = field(default_factory=list)
     checks_passed: List[str] = field(default_factory=list)        # what the clean checks verified
+    # hooks whose array is the engine's own step function's result (no hook, no injected bug): what
+    # holds by construction there (blocked scores are -inf, blocked weights 0) needs no second pass
+    engine_computed: Set[str] = field(default_factory=set)
 
     def __getitem__(self, name: str) -> np.ndarray:
         hook = resolve_hook_name(name, available=self.plan.hooks)
