@@ -158,3 +158,56 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     atomic_write(target, lambda stream: stream.write(b"new"))
     assert target.read_text() == "new"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640          # the replaced file's mode is kept
+
+
+def big_spec(tmp_path):
+    """One head over 1,500 tokens: the weights (2.25M values) and the output (1.05M) are packed."""
+    rng = np.random.default_rng(2)
+    for name, shape in (("x", (1500, 700)), ("w_q", (700, 4)), ("w_k", (700, 4)), ("w_v", (700, 4))):
+        np.save(tmp_path / f"{name}.npy", rng.normal(size=shape).astype(np.float32))
+    spec = tmp_path / "big.yaml"
+    spec.write_text("version: 1\nembeddings: {npy: x.npy}\nattention:\n  heads: 1\n  mask: causal\n"
+                    "  W_q: {npy: w_q.npy}\n  W_k: {npy: w_k.npy}\n  W_v: {npy: w_v.npy}\n"
+                    "  W_o: {random: {shape: [4, 700], seed: 1}}\n")
+    return spec
+
+
+def test_big_arrays_are_packed_as_base64_and_read_back_exactly(invoke, tmp_path):
+    import base64
+
+    import attntrace
+    from attntrace.render.export import LIST_VALUES_LIMIT
+    spec = big_spec(tmp_path)
+    target = tmp_path / "big.json"
+    assert invoke("run", spec, "--dtype", "float32", "--export", target)[0] == 0
+    document = json.loads(target.read_text(encoding="utf-8"))
+    trace = attntrace.run(str(spec), dtype="float32", keep="all")
+    packed = {hook: entry["values"] for hook, entry in document["hooks"].items()
+              if isinstance(entry.get("values"), dict)}
+    assert set(packed) == {hook for hook, array in trace.arrays.items() if array.size > LIST_VALUES_LIMIT}
+    assert {"attn.hook_pattern", "hook_attn_out"} <= set(packed)
+    for hook, value in packed.items():                   # the README's one line of numpy reads it back
+        array = np.frombuffer(base64.b64decode(value["data"]), dtype=value["dtype"]).reshape(value["shape"])
+        np.testing.assert_array_equal(array, trace.arrays[hook])           # bit for bit, -inf included
+    assert np.isneginf(np.frombuffer(base64.b64decode(packed["attn.hook_attn_scores"]["data"]), "<f4")).any()
+    from conftest import require
+
+    from attntrace.schema import load_schema
+    require("jsonschema").Draft202012Validator(load_schema()).validate(document)
+    small = document["hooks"]["attn.hook_q"]["values"]
+    assert isinstance(small, list)                       # 6,000 values: nested lists as before
+    code, out = invoke("diff", target, spec, "--dtype", "float32")
+    assert code == 0 and "agree" in out                  # diff reads the packed arrays
+
+
+@pytest.mark.parametrize("value, words", [
+    ({"encoding": "base64", "dtype": "<f4", "shape": [2], "data": "AAAA"}, "needs 8 bytes"),
+    ({"encoding": "base64", "dtype": "|O", "shape": [1], "data": ""}, "not real numbers"),
+    ({"encoding": "base64", "dtype": "<f8", "shape": [-1], "data": ""}, "whole numbers"),
+    ({"encoding": "base64", "dtype": "<f8", "shape": [1], "data": "!!!!"}, "not base64"),
+    ({"encoding": "base64", "shape": [1], "data": ""}, "needs dtype"),
+])
+def test_a_malformed_packed_array_is_refused(value, words):
+    from attntrace.inputs.packed_array import unpack
+    with pytest.raises(ValueError, match=words):
+        unpack(value)

@@ -19,6 +19,7 @@ from attntrace.analysis.cells import cell_label
 from attntrace.analysis.run import run
 from attntrace.errors import input_error
 from attntrace.hookpoints import HOOKS_BY_NAME
+from attntrace.inputs.packed_array import is_packed, unpack
 from attntrace.inputs.sources import BadArrayFile, read_npz_all
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -103,6 +104,9 @@ _JSON_SPECIAL = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 
 
 def _json_array(values: Any) -> np.ndarray:
+    if is_packed(values):                 # a big array of an export: base64 bytes
+        return unpack(values)
+
     def convert(v):
         if isinstance(v, list):
             return [convert(x) for x in v]

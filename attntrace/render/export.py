@@ -9,6 +9,10 @@ leaves no partial set behind and is one ATT-E064 error.  Exports never
 overwrite an input of the run: the spec, the arrays it loads, hook files and
 patch files.
 
+A .json export holds every kept array in full: up to a million values as
+nested lists, bigger ones packed as base64 bytes (:mod:`attntrace.inputs.packed_array`),
+streamed hook by hook so memory stays one slice of one array.
+
 A saved .npz holds one array per hook, under the hook's name, plus
 ``__name__``, ``__tokens__``, ``__key_tokens__`` and ``__hooks__`` (the step
 order) as text arrays, so it loads without pickle and ``attntrace diff`` can
@@ -16,6 +20,7 @@ compare it with a spec.
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -24,8 +29,11 @@ from typing import Any, Callable, Iterable, List, Optional
 import numpy as np
 
 from attntrace.inputs.files import DATA_SUFFIXES, write_all
+from attntrace.inputs.packed_array import little_endian, packed_header
 from attntrace.render.json_view import hook_entry, trace_header
 
+LIST_VALUES_LIMIT = 1 << 20        # arrays up to this many values are nested lists in a JSON export; bigger: base64
+PACK_SLICE_BYTES = 1 << 22
 RENDERED = {".svg": "svg", ".txt": "text"}    # suffix -> rich export (.html is the explorer)
 META_KEYS = ("__name__", "__tokens__", "__key_tokens__", "__hooks__")
 
@@ -75,7 +83,10 @@ def write_json_document(f, trace, extra: dict) -> None:
         array = trace.arrays.get(step.hook)
         f.write((",\n    " if n else "\n    ").encode() + json.dumps(step.hook).encode() + b": ")
         f.write(_dumps(entry)[:-1])            # the entry without its closing brace: its values follow
-        if array is not None:
+        if array is not None and array.size > LIST_VALUES_LIMIT:
+            f.write(b', "values": ')
+            _write_packed(f, array)
+        elif array is not None:
             f.write(b', "values": ')
             _write_array(f, array)
         else:
@@ -92,6 +103,18 @@ def write_json_document(f, trace, extra: dict) -> None:
 def _dumps(value) -> bytes:
     from attntrace.render.output import jsonable
     return json.dumps(jsonable(value), ensure_ascii=False).encode("utf-8")
+
+
+def _write_packed(f, array: np.ndarray) -> None:
+    """A big array as {"encoding": "base64", "dtype", "shape", "data"} (see inputs/packed_array.py),
+    its bytes written a slice at a time."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    dtype = little_endian(flat.dtype)
+    f.write(_dumps(packed_header(array))[:-1] + b', "data": "')
+    step = PACK_SLICE_BYTES // flat.itemsize // 3 * 3          # whole base64 groups: the slices join
+    for start in range(0, flat.size, step):
+        f.write(base64.b64encode(flat[start:start + step].astype(dtype, copy=False).tobytes()))
+    f.write(b'"}')
 
 
 def _write_array(f, array: np.ndarray) -> None:
