@@ -211,3 +211,17 @@ def test_a_malformed_packed_array_is_refused(value, words):
     from attntrace.inputs.packed_array import unpack
     with pytest.raises(ValueError, match=words):
         unpack(value)
+
+
+def test_steps_choose_what_a_data_export_holds(invoke, spec_path, tmp_path):
+    """--steps limits the full arrays of a .json/.npz export (a big trace exports what it looks at);
+    the output is always there; the other hooks keep their stats."""
+    target, npz = tmp_path / "t.json", tmp_path / "t.npz"
+    assert invoke("run", spec_path, "--steps", "scores", "--export", target, "--export", npz)[0] == 0
+    document = json.loads(target.read_text(encoding="utf-8"))
+    full = {hook for hook, entry in document["hooks"].items() if "values" in entry}
+    assert full == {"attn.hook_qk", "hook_attn_out"}
+    assert document["hooks"]["attn.hook_qk"]["values"] == [[QK]]
+    assert "stats" in document["hooks"]["attn.hook_pattern"]
+    with np.load(npz, allow_pickle=False) as saved:
+        assert {name for name in saved.files if not name.startswith("__")} == full

@@ -38,6 +38,17 @@ def parse_steps(text, plan):
     return hooks
 
 
+def _kept(plan, steps, targets, full_json: bool):
+    """What the trace keeps: for .json/.npz exports every array, or only the --steps shown (a big
+    trace exports what it looks at); the patterns for the HTML explorer; else small arrays."""
+    from attntrace.render.export import wants_data, wants_patterns
+    patterns = ["*attn.hook_pattern"] if wants_patterns(targets) else []
+    if wants_data(targets) or full_json:
+        shown = parse_steps(steps, plan) if steps is not None else None
+        return "all" if not shown else shown + patterns
+    return patterns or "auto"
+
+
 @click.command("run")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @model_options
@@ -112,12 +123,12 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
     from attntrace.inputs.files import check_targets
-    from attntrace.render.export import wants_data, wants_patterns
     from attntrace.render.output import make_console, print_json
     from attntrace.render.trace_view import ViewOptions
     source = model_source(spec, model, texts, id_rows, layers, dtype)
     loaded = load(source if source is not None else BUILTIN_EXAMPLE)
-    check_selection(plan_from_spec(loaded), heads=heads, batch=batch, layers=layers)
+    plan = plan_from_spec(loaded)
+    check_selection(plan, heads=heads, batch=batch, layers=layers)
     extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
     targets = check_targets(exports, inputs)
     if step_mode and fmt == "json":
@@ -135,14 +146,13 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     from attntrace.render.progress import layer_progress
     # print hooks write to stdout; under --format json they go to stderr so stdout stays JSON
     with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext(), \
-            layer_progress(plan_from_spec(loaded), enabled=not step_mode) as progress:
+            layer_progress(plan, enabled=not step_mode) as progress:
         from attntrace.render.stepper import StopStepping
         try:
             run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper or progress, chunk=chunk,
                                chunk_row=chunk_row,
                                force=force,
-                               keep="all" if wants_data(targets) or (fmt == "json" and json_values == "full") else
-                               ["*attn.hook_pattern"] if wants_patterns(targets) else "auto")
+                               keep=_kept(plan, steps, targets, fmt == "json" and json_values == "full"))
             verdict = None
             if inject:                  # the bug's own shape error is part of its verdict, not a crash
                 from attntrace.analysis.bugs import inject as inject_bug
