@@ -24,6 +24,8 @@ One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .n
 
    Ratios are against bare numpy and against torch MHA, of the medians and ("(min)") of the
    fastest rounds -- on a shared machine the two can differ; outputs are compared once.
+   Then the **memory of a full trace** at the largest size: peak RSS in a fresh interpreter
+   against the run's own estimate (inputs + kept arrays + the working buffer).
 2. **Chunked attention** (``run(spec, chunk=N)``) at ``--chunked`` sizes (default 8k/16k), each
    in a fresh interpreter, with its peak RSS (``resource.getrusage`` maxrss, read by a small launcher
    process: a child forked straight from this one would count this process's RSS as its own).
@@ -34,7 +36,8 @@ One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .n
    and a time limit, so a run that would not fit fails instead of swapping the machine).
 
 Targets (issue 14): a full trace ≤ 1.05× bare numpy and no slower than torch MHA at 2k and 4k;
-chunked 16k under 2 GB peak RSS; ``--help`` ≤ 0.15 s; ``run`` on the example ≤ 0.4 s; the JSON
+a full trace's peak RSS within 1.3× of its estimate; chunked 16k under 2 GB peak RSS;
+``--help`` ≤ 0.15 s; ``run`` on the example ≤ 0.4 s; the JSON
 export of a 2k trace ≤ 2× the run.  This checkout's attntrace is the one measured (it is put
 first on PYTHONPATH, also for the fresh interpreters).
 """
@@ -276,6 +279,37 @@ def section_chunked(sizes, chunk: int, tmp: Path) -> None:
     print("  target: 16,384 tokens under 2 GB peak RSS")
 
 
+MEMORY_CODE = """
+import resource, sys
+import attntrace
+from attntrace.core import memory
+from attntrace.core.plan import plan_from_spec
+spec = attntrace.load_spec(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+estimate = memory.estimate(spec, plan_from_spec(spec), "float32")
+attntrace.run(spec, dtype="float32")
+print(before, estimate.inputs, estimate.retained, estimate.working)
+"""
+
+
+def section_memory(seq: int, tmp: Path) -> None:
+    """Peak RSS of a full trace (keep="auto") against the run's own estimate: inputs + kept arrays +
+    the working buffer; the interpreter, numpy and the loaded spec are what was resident before."""
+    print(f"\n## Memory of a full trace: {seq} tokens, float32, keep='auto', a fresh interpreter")
+    done, rss = measured(MEMORY_CODE, write_inputs(tmp / f"memory{seq}", seq))
+    if done.returncode != 0:
+        print(f"  failed: {done.stderr.strip().splitlines()[-1:]}")
+        return
+    before, inputs, retained, working = (int(v) for v in done.stdout.split())
+    estimate = inputs + retained + working
+    grown = rss - before
+    print(f"  estimate {estimate / 2**20:8.0f} MiB   (inputs {inputs / 2**20:.0f}, kept {retained / 2**20:.0f}, "
+          f"working {working / 2**20:.0f})")
+    print(f"  peak RSS {rss / 2**20:8.0f} MiB   ({before / 2**20:.0f} before the run, which holds the inputs: "
+          f"the run added {grown / 2**20:.0f} MiB = {grown / max(estimate - inputs, 1):.2f}× kept + working)")
+    print("  target: within 1.3× (inputs + retained arrays + one working buffer)")
+
+
 def section_startup(repeat: int) -> None:
     print(f"\n## Start-up (fresh interpreter each, median of {repeat})")
     help_t, help_all = fresh(["-m", "attntrace", "--help"], repeat)
@@ -389,6 +423,8 @@ def main() -> None:
         tmp = Path(name)
         if sizes:
             section_full(sizes, args.repeat, use_torch, tmp)
+        if sizes:
+            section_memory(max(sizes), tmp)
         if chunked:
             section_chunked(chunked, args.chunk, tmp)
         section_startup(args.startup_repeat)
