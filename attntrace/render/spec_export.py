@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import yaml
 
-from attntrace.inputs.files import atomic_write, refuse_inputs
+from attntrace.inputs.files import refuse_inputs, write_all
 from attntrace.inputs.safetensors_io import safetensors_bytes
 
 
@@ -140,7 +140,7 @@ def write_spec(spec, path: Path, protected=()) -> Path:
     sidecar = _Sidecar(sidecar_path.name)
     document = spec_document(spec, sidecar)
     text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
-    atomic_write(sidecar_path, lambda stream: [stream.write(chunk) for chunk in safetensors_bytes(
-        sidecar.tensors, {"written_by": "attntrace import-model"})])
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+    write_all([(sidecar_path, lambda stream: [stream.write(chunk) for chunk in safetensors_bytes(
+                   sidecar.tensors, {"written_by": "attntrace import-model"})]),
+               (path, lambda stream: stream.write(text.encode("utf-8")))])    # both or neither
     return sidecar_path
