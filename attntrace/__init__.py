@@ -10,7 +10,7 @@ Imports are lazy so that `attntrace --help` starts instantly.
 __version__ = "0.1.0"
 
 __all__ = ["load_spec", "load_spec_text", "run", "Trace", "Spec", "AttnTraceError", "capture", "tap",
-           "check_capture", "__version__"]
+           "check_capture", "release_buffers", "__version__"]
 
 
 def _notebook_display(trace) -> str:
@@ -26,6 +26,9 @@ def __getattr__(name):
         from attntrace.models import capture as capture_module
         value = globals()[name] = getattr(capture_module, name)
         return value
+    if name == "release_buffers":         # the score buffer kept for the next run (core/memory.py)
+        from attntrace.core.memory import release_buffers
+        return release_buffers
     if name == "check_capture":
         from attntrace.analysis.capture import check_capture
         return check_capture

@@ -172,24 +172,26 @@ def big_spec(tmp_path):
     return spec
 
 
-def test_big_arrays_are_packed_as_base64_and_read_back_exactly(invoke, tmp_path):
-    import base64
-
+def test_big_arrays_go_to_the_npz_beside_the_json_bit_for_bit(invoke, tmp_path):
     import attntrace
     from attntrace.render.export import LIST_VALUES_LIMIT
     spec = big_spec(tmp_path)
     target = tmp_path / "big.json"
-    assert invoke("run", spec, "--dtype", "float32", "--export", target)[0] == 0
+    code, out = invoke("run", spec, "--dtype", "float32", "--export", target)
+    assert code == 0 and "big.npz" in out                # the file beside it is named among the exported
     document = json.loads(target.read_text(encoding="utf-8"))
-    trace = attntrace.run(str(spec), dtype="float32", keep="all")
-    packed = {hook: entry["values"] for hook, entry in document["hooks"].items()
-              if isinstance(entry.get("values"), dict)}
-    assert set(packed) == {hook for hook, array in trace.arrays.items() if array.size > LIST_VALUES_LIMIT}
-    assert {"attn.hook_pattern", "hook_attn_out"} <= set(packed)
-    for hook, value in packed.items():                   # the README's one line of numpy reads it back
-        array = np.frombuffer(base64.b64decode(value["data"]), dtype=value["dtype"]).reshape(value["shape"])
-        np.testing.assert_array_equal(array, trace.arrays[hook])           # bit for bit, -inf included
-    assert np.isneginf(np.frombuffer(base64.b64decode(packed["attn.hook_attn_scores"]["data"]), "<f4")).any()
+    trace = attntrace.run(str(spec), dtype="float32", keep="all")      # the reference: every array kept
+    referred = {hook: entry["values"] for hook, entry in document["hooks"].items()
+                if isinstance(entry.get("values"), dict)}
+    assert set(referred) == {hook for hook, array in trace.arrays.items() if array.size > LIST_VALUES_LIMIT}
+    assert {"attn.hook_pattern", "hook_attn_out"} <= set(referred)
+    assert all(value == {"npz": "big.npz", "key": hook} for hook, value in referred.items())
+    with np.load(tmp_path / "big.npz", allow_pickle=False) as beside:          # the README's line of numpy
+        assert sorted(beside.files) == sorted(referred)
+        for hook in referred:
+            np.testing.assert_array_equal(beside[hook], trace.arrays[hook])     # bit for bit, -inf included
+            assert beside[hook].dtype == trace.arrays[hook].dtype
+        assert np.isneginf(beside["attn.hook_attn_scores"]).any()
     from conftest import require
 
     from attntrace.schema import load_schema
@@ -197,7 +199,78 @@ def test_big_arrays_are_packed_as_base64_and_read_back_exactly(invoke, tmp_path)
     small = document["hooks"]["attn.hook_q"]["values"]
     assert isinstance(small, list)                       # 6,000 values: nested lists as before
     code, out = invoke("diff", target, spec, "--dtype", "float32")
-    assert code == 0 and "agree" in out                  # diff reads the packed arrays
+    assert code == 0 and "agree" in out                  # diff reads the arrays beside it
+    assert leftovers(tmp_path) == []
+
+
+def test_a_json_and_npz_of_one_name_share_the_archive(invoke, tmp_path):
+    """--export t.json --export t.npz: one .npz holding every array; the JSON refers to it for the big ones."""
+    import attntrace
+    spec = big_spec(tmp_path)
+    code, _ = invoke("run", spec, "--dtype", "float32", "--export", tmp_path / "t.json", "--export", tmp_path / "t.npz")
+    assert code == 0
+    trace = attntrace.run(str(spec), dtype="float32", keep="all")
+    with np.load(tmp_path / "t.npz", allow_pickle=False) as saved:
+        assert [str(h) for h in saved["__hooks__"]] == list(trace.plan.hooks)
+        for hook in trace.plan.hooks:
+            np.testing.assert_array_equal(saved[hook], trace.arrays[hook])
+    document = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
+    assert document["hooks"]["attn.hook_pattern"]["values"] == {"npz": "t.npz", "key": "attn.hook_pattern"}
+    assert invoke("diff", tmp_path / "t.json", tmp_path / "t.npz")[0] == 0
+
+
+def test_a_streamed_export_keeps_no_big_array_and_leaves_nothing_when_the_run_fails(invoke, tmp_path):
+    """The score-sized steps are written as the run passes them (the trace keeps none of them); a run
+    that fails after some were written leaves neither files nor temporary files behind."""
+    spec = big_spec(tmp_path)
+    target = tmp_path / "t.json"
+    hook_file = tmp_path / "boom.py"
+    hook_file.write_text("def boom(array, *, hook):\n    raise ValueError('boom')\nHOOKS = {'hook_attn_out': boom}\n")
+    code, out = invoke("run", spec, "--dtype", "float32", "--export", target, "--hook-file", hook_file,
+                       "--format", "json")
+    assert code != 0 and "boom" in out
+    assert not target.exists() and not (tmp_path / "t.npz").exists() and leftovers(tmp_path) == []
+
+
+def test_the_npz_beside_a_json_export_is_never_an_input(invoke, tmp_path):
+    np.savez(tmp_path / "x.npz", X=np.array(X, dtype=float))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(dict(ABC, embeddings={"npz": "x.npz", "key": "X"})))
+    before = (tmp_path / "x.npz").read_bytes()
+    code, out = invoke("run", spec, "--export", tmp_path / "x.json", "--format", "json")
+    assert code == 2 and "input of this run" in json.loads(out)["diagnoses"][0]["message"]
+    assert (tmp_path / "x.npz").read_bytes() == before and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"npz": "../elsewhere.npz", "key": "attn.hook_qk"}, "beside it"),
+    ({"npz": "missing.npz", "key": "attn.hook_qk"}, "missing.npz"),
+    ({"npz": "t.npz", "key": "no.such.hook"}, "no array"),
+])
+def test_diff_refuses_a_json_export_whose_arrays_are_not_beside_it(invoke, spec_path, tmp_path, values, words):
+    target = tmp_path / "t.json"
+    assert invoke("run", spec_path, "--export", target, "--export", tmp_path / "t.npz")[0] == 0
+    document = json.loads(target.read_text(encoding="utf-8"))
+    document["hooks"]["attn.hook_qk"]["values"] = values
+    target.write_text(json.dumps(document), encoding="utf-8")
+    code, out = invoke("diff", target, spec_path, "--format", "json")
+    assert code == 2
+    diagnosis = json.loads(out)["diagnoses"][0]
+    assert diagnosis["code"] == "ATT-E065" and words in diagnosis["message"]
+
+
+def test_a_json_document_without_a_file_beside_it_packs_big_arrays_as_base64(tmp_path):
+    import base64
+    import io
+
+    import attntrace
+    from attntrace.render.export import write_json_document
+    trace = attntrace.run(str(big_spec(tmp_path)), dtype="float32", keep="all")
+    stream = io.BytesIO()
+    write_json_document(stream, trace, {})
+    value = json.loads(stream.getvalue())["hooks"]["attn.hook_pattern"]["values"]
+    array = np.frombuffer(base64.b64decode(value["data"]), dtype=value["dtype"]).reshape(value["shape"])
+    np.testing.assert_array_equal(array, trace.arrays["attn.hook_pattern"])
 
 
 @pytest.mark.parametrize("value, words", [

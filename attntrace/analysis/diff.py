@@ -86,8 +86,12 @@ def _load_json(path: Path) -> TraceData:
         steps = document["steps"]
         if isinstance(document.get("hooks"), dict):       # format 2: hooks keyed by name, steps their order
             steps = [dict(document["hooks"][hook], hook=hook) for hook in steps]
-        arrays = {s["hook"]: _json_array(s["values"]) for s in steps if "values" in s}
+        beside = _Beside(path.parent)
+        arrays = {s["hook"]: _json_array(s["values"], beside) for s in steps if "values" in s}
         titles = {s["hook"]: f"{s['number']}/{len(steps)} '{s['title']}'" for s in steps}
+    except BadArrayFile as exc:
+        raise input_error("ATT-E065", f"{path.name}: its arrays beside it cannot be read: {exc.message}",
+                          hint=exc.hint or "keep a .json export and the .npz beside it together") from None
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise input_error("ATT-E065", f"{path.name} is not an attntrace JSON trace ({type(exc).__name__}: {exc})",
                           hint="save a trace with: attntrace run spec.yaml --export trace.json") from None
@@ -103,8 +107,28 @@ def _load_json(path: Path) -> TraceData:
 _JSON_SPECIAL = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 
 
-def _json_array(values: Any) -> np.ndarray:
-    if is_packed(values):                 # a big array of an export: base64 bytes
+class _Beside:
+    """The .npz archives a JSON export refers to, read once each (names are plain file names in the
+    export's own folder: a document cannot point elsewhere)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.read = folder, {}
+
+    def array(self, reference: dict) -> np.ndarray:
+        name, key = reference["npz"], reference["key"]
+        if not isinstance(name, str) or Path(name).name != name or not isinstance(key, str):
+            raise ValueError(f"an array reference must name a .npz file beside it and a key, got {reference!r}")
+        if name not in self.read:
+            self.read[name] = read_npz_all(self.folder / name)
+        if key not in self.read[name]:
+            raise ValueError(f"{name} holds no array '{key}'")
+        return self.read[name][key]
+
+
+def _json_array(values: Any, beside: _Beside) -> np.ndarray:
+    if isinstance(values, dict) and "npz" in values:      # a big array of an export: in the .npz beside it
+        return beside.array(values)
+    if is_packed(values):                 # a big array of an earlier export: base64 bytes
         return unpack(values)
 
     def convert(v):

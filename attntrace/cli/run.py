@@ -39,14 +39,26 @@ def parse_steps(text, plan):
 
 
 def _kept(plan, steps, targets, full_json: bool):
-    """What the trace keeps: for .json/.npz exports every array, or only the --steps shown (a big
-    trace exports what it looks at); the patterns for the HTML explorer; else small arrays."""
-    from attntrace.render.export import wants_data, wants_patterns
+    """What the trace keeps: for `--format json --values full` every array (or the --steps shown);
+    the patterns for the HTML explorer; else small arrays (.json/.npz exports take the big ones
+    as the run passes them, see render/export.py)."""
+    from attntrace.render.export import wants_patterns
     patterns = ["*attn.hook_pattern"] if wants_patterns(targets) else []
-    if wants_data(targets) or full_json:
+    if full_json:
         shown = parse_steps(steps, plan) if steps is not None else None
         return "all" if not shown else shown + patterns
     return patterns or "auto"
+
+
+def _both(first, second):
+    """Two on_step callbacks as one (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def on_step(step, array, trace):
+        first(step, array, trace)
+        second(step, array, trace)
+    return on_step
 
 
 @click.command("run")
@@ -131,6 +143,8 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     check_selection(plan, heads=heads, batch=batch, layers=layers)
     extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
     targets = check_targets(exports, inputs)
+    from attntrace.render.export import Exports
+    export_files = Exports(targets, shown=parse_steps(steps, plan) if steps else None, protected=inputs)
     if step_mode and fmt == "json":
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)
@@ -144,80 +158,79 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
         from attntrace.render.stepper import stepper_for
         stepper = stepper_for(console, options)
     from attntrace.render.progress import layer_progress
-    # print hooks write to stdout; under --format json they go to stderr so stdout stays JSON
-    with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext(), \
-            layer_progress(plan, enabled=not step_mode) as progress:
-        from attntrace.render.stepper import StopStepping
-        try:
-            run_options = dict(dtype=dtype, hooks=extra_hooks, on_step=stepper or progress, chunk=chunk,
-                               chunk_row=chunk_row,
-                               force=force,
-                               keep=_kept(plan, steps, targets, fmt == "json" and json_values == "full"))
-            verdict = None
-            if inject:                  # the bug's own shape error is part of its verdict, not a crash
-                from attntrace.analysis.bugs import inject as inject_bug
-                verdict = inject_bug(loaded, inject, check=check_level, **run_options)
-                trace = verdict.trace
-            else:
-                from attntrace.analysis.run import run as run_checked
-                trace = run_checked(loaded, check=check_level, **run_options)
-        except StopStepping as stop:
-            console.print(f"stopped after step {stop.step.label}")
-            raise SystemExit(EXIT_OK) from None
-    if verdict is not None and trace is None:
-        from attntrace.errors import EXIT_SHAPE_ERROR
-        from attntrace.render import bugs_view
-        print_json(bugs_view.shape_error_document(verdict, EXIT_SHAPE_ERROR)) if fmt == "json" else \
-            bugs_view.render_shape_error(make_console(width, stderr=True), verdict)
-        raise SystemExit(EXIT_SHAPE_ERROR)
-    report = None
-    if loaded.expect:
-        from attntrace.analysis.expect import check_expectations
-        report = check_expectations(loaded, trace, hooks=extra_hooks)
-    exit_code = EXIT_CHECK_FAILED if (strict and trace.warnings) or (report and not report.ok) else EXIT_OK
-    expect_json = {"expect": report.to_json()} if report else {}
-    if verdict is not None:
-        expect_json["injected"] = verdict.to_json()
-    options.steps = parse_steps(steps, trace.plan) if steps else None
-    if steps is None and loaded.model is not None:     # a real model: its weights layer by layer, not 100+ steps
-        options.steps = [s.hook for s in trace.plan.steps if s.key in ("pattern", "block_max")] + \
-            [trace.plan.steps[-1].hook]
-        options.notes.append("a model's trace shows every layer's weights and its output; --steps all shows "
-                             "every step (--steps LIST some)")
-
-    from attntrace.analysis.actions import hook_summary
-    hooks_note = hook_summary(loaded, extra_hooks)
-
-    summary = None
-    if head_summary:
-        from attntrace.analysis.headfinder import find_heads
-        summary = find_heads(loaded, trace=trace, top=12)
-        expect_json["heads"] = summary.to_json()
-
-    def render(out, stepped=False):
-        from attntrace.render.trace_view import render_checks, render_trace
-        render_checks(out, trace) if stepped else render_trace(out, trace, options)
-        if summary is not None:
-            from attntrace.render.heads_view import heads_table
-            out.print(heads_table(summary))
-        if hooks_note:
-            out.print(hooks_note, style="yellow", markup=False)
-        if report:
-            from attntrace.render.expect_view import render_expectations
-            render_expectations(out, report)
+    with export_files:       # what an export wrote is removed unless it is finished
+        # print hooks write to stdout; under --format json they go to stderr so stdout stays JSON
+        with contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext(), \
+                layer_progress(plan, enabled=not step_mode) as progress:
+            from attntrace.render.stepper import StopStepping
+            try:
+                run_options = dict(dtype=dtype, hooks=extra_hooks, chunk=chunk, chunk_row=chunk_row, force=force,
+                                   on_step=_both(stepper or progress, export_files.on_step_or_none()),
+                                   keep=_kept(plan, steps, targets, fmt == "json" and json_values == "full"))
+                verdict = None
+                if inject:                  # the bug's own shape error is part of its verdict, not a crash
+                    from attntrace.analysis.bugs import inject as inject_bug
+                    verdict = inject_bug(loaded, inject, check=check_level, **run_options)
+                    trace = verdict.trace
+                else:
+                    from attntrace.analysis.run import run as run_checked
+                    trace = run_checked(loaded, check=check_level, **run_options)
+            except StopStepping as stop:
+                console.print(f"stopped after step {stop.step.label}")
+                raise SystemExit(EXIT_OK) from None
+        if verdict is not None and trace is None:
+            from attntrace.errors import EXIT_SHAPE_ERROR
+            from attntrace.render import bugs_view
+            print_json(bugs_view.shape_error_document(verdict, EXIT_SHAPE_ERROR)) if fmt == "json" else \
+                bugs_view.render_shape_error(make_console(width, stderr=True), verdict)
+            raise SystemExit(EXIT_SHAPE_ERROR)
+        report = None
+        if loaded.expect:
+            from attntrace.analysis.expect import check_expectations
+            report = check_expectations(loaded, trace, hooks=extra_hooks)
+        exit_code = EXIT_CHECK_FAILED if (strict and trace.warnings) or (report and not report.ok) else EXIT_OK
+        expect_json = {"expect": report.to_json()} if report else {}
         if verdict is not None:
-            from attntrace.render.bugs_view import verdict_panel
-            out.print(verdict_panel(verdict))
+            expect_json["injected"] = verdict.to_json()
+        options.steps = parse_steps(steps, trace.plan) if steps else None
+        if steps is None and loaded.model is not None:     # a real model: its weights layer by layer, not 100+ steps
+            options.steps = [s.hook for s in trace.plan.steps if s.key in ("pattern", "block_max")] + \
+                [trace.plan.steps[-1].hook]
+            options.notes.append("a model's trace shows every layer's weights and its output; --steps all shows "
+                                 "every step (--steps LIST some)")
 
-    written = []
-    if targets:         # before anything is printed: a failed export is then the one document on stdout
-        from attntrace.render.export import export_all
-        written = export_all(targets, trace, render, extra=dict(expect_json, exit_code=exit_code), width=width)
-    if fmt == "json":
-        from attntrace.render.json_view import trace_to_json
-        print_json(dict(trace_to_json(trace, exit_code, values=json_values), **expect_json))
-    else:
-        render(console, stepped=step_mode)
-        if written:
-            console.print(f"exported: {', '.join(str(p) for p in written)}")
-    raise SystemExit(exit_code)
+        from attntrace.analysis.actions import hook_summary
+        hooks_note = hook_summary(loaded, extra_hooks)
+
+        summary = None
+        if head_summary:
+            from attntrace.analysis.headfinder import find_heads
+            summary = find_heads(loaded, trace=trace, top=12)
+            expect_json["heads"] = summary.to_json()
+
+        def render(out, stepped=False):
+            from attntrace.render.trace_view import render_checks, render_trace
+            render_checks(out, trace) if stepped else render_trace(out, trace, options)
+            if summary is not None:
+                from attntrace.render.heads_view import heads_table
+                out.print(heads_table(summary))
+            if hooks_note:
+                out.print(hooks_note, style="yellow", markup=False)
+            if report:
+                from attntrace.render.expect_view import render_expectations
+                render_expectations(out, report)
+            if verdict is not None:
+                from attntrace.render.bugs_view import verdict_panel
+                out.print(verdict_panel(verdict))
+
+        written = []
+        if targets:         # before anything is printed: a failed export is then the one document on stdout
+            written = export_files.finish(trace, render, extra=dict(expect_json, exit_code=exit_code), width=width)
+        if fmt == "json":
+            from attntrace.render.json_view import trace_to_json
+            print_json(dict(trace_to_json(trace, exit_code, values=json_values), **expect_json))
+        else:
+            render(console, stepped=step_mode)
+            if written:
+                console.print(f"exported: {', '.join(str(p) for p in written)}")
+        raise SystemExit(exit_code)

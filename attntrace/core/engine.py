@@ -28,7 +28,7 @@ import numpy as np
 
 from attntrace.core import chunked, masks, ops, positional
 from attntrace.core.hooks import HookSet
-from attntrace.core.memory import AUTO_KEEP_ELEMENTS
+from attntrace.core.memory import AUTO_KEEP_ELEMENTS, SCORE_BUFFER
 from attntrace.core.plan import BlockPlan, Plan, Step
 from attntrace.core.stats import (
     POOL_CELLS,
@@ -480,7 +480,7 @@ def fused_qk(state: State, q: np.ndarray, k: np.ndarray) -> np.ndarray:
     b, sq, h, d = q.shape
     sk, kv = k.shape[1], k.shape[2]
     group = h // kv
-    out = np.empty((b, h, sq, sk), dtype=np.result_type(q, k))
+    out = SCORE_BUFFER.empty((b, h, sq, sk), np.result_type(q, k))     # every value is written below
     bands = _bands(state)
     q = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)     # each head's rows together
     k = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)

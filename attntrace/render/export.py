@@ -21,16 +21,19 @@ compare it with a spec.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import math
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
-from attntrace.inputs.files import DATA_SUFFIXES, write_all
-from attntrace.inputs.packed_array import little_endian, packed_header
-from attntrace.render.json_view import hook_entry, trace_header
+from attntrace.inputs.files import DATA_SUFFIXES, PendingFile, refuse_inputs, write_all, write_error
+from attntrace.inputs.packed_array import NUMERIC_KINDS, little_endian, packed_header
+from attntrace.render.json_view import hook_entry, preview_entry, trace_header
 
 LIST_VALUES_LIMIT = 1 << 20        # arrays up to this many values are nested lists in a JSON export; bigger: base64
 PACK_SLICE_BYTES = 1 << 22
@@ -61,18 +64,175 @@ def rendered_bytes(path: Path, render: Callable[[Any], None], width: Optional[in
     return text.encode("utf-8")
 
 
-def data_writer(path: Path, trace, extra: Optional[dict] = None) -> Callable[[Any], None]:
-    """.npz: every kept array under its hook name; .json: the JSON document of the trace
-    with every kept array in full (plus `extra` keys, e.g. the expectations)."""
-    if Path(path).suffix.lower() == ".npz":
-        arrays = trace_arrays(trace)
-        return lambda f: np.savez(f, **arrays)
-    return lambda f: write_json_document(f, trace, extra or {})
+class ArrayArchive:
+    """A .npz written member by member (uncompressed, zip64), each array straight from the step
+    that made it: memory stays one slice of one array, whatever the trace's size."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = PendingFile(self.path)
+        self.zip: Optional[zipfile.ZipFile] = None
+        self.names: List[str] = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self.names:
+            return
+        try:
+            if self.zip is None:
+                self.zip = zipfile.ZipFile(self.file.open(), "w", zipfile.ZIP_STORED, allowZip64=True)
+            with self.zip.open(name + ".npy", "w", force_zip64=True) as member:
+                _write_npy(member, np.asanyarray(array))
+        except OSError as exc:
+            self.discard()
+            raise write_error(self.path, exc) from None
+        self.names.append(name)
+
+    def close(self) -> None:
+        """The zip's central directory (before the file is moved into place)."""
+        if self.zip is not None:
+            self.zip.close()
+
+    def discard(self) -> None:
+        if self.zip is not None:
+            with contextlib.suppress(OSError, ValueError):     # its file goes anyway
+                self.zip.close()
+            self.zip = None
+        self.file.discard()
 
 
-def write_json_document(f, trace, extra: dict) -> None:
+def _write_npy(stream, array: np.ndarray) -> None:
+    """An array in .npy format (C order, no pickle): its header, then its bytes a slice at a time,
+    with no copy of the whole array."""
+    from numpy.lib import format as npy
+    header = dict(npy.header_data_from_array_1_0(array), fortran_order=False)
+    if len(repr(header)) < 65000:
+        npy.write_array_header_1_0(stream, header)
+    else:                                               # a header this long needs format 2.0
+        npy.write_array_header_2_0(stream, header)
+    if array.flags.c_contiguous and array.dtype.kind in NUMERIC_KINDS:
+        flat = array.reshape(-1)
+        step = max(1, PACK_SLICE_BYTES // flat.itemsize)
+        for start in range(0, flat.size, step):
+            stream.write(memoryview(flat[start:start + step]).cast("B"))
+        return
+    for chunk in np.nditer(array, flags=["external_loop", "buffered", "zerosize_ok"], order="C",
+                           buffersize=max(1, PACK_SLICE_BYTES // max(1, array.itemsize))):
+        stream.write(chunk.tobytes("C"))
+
+
+class Exports:
+    """The --export targets of one run, opened before it.
+
+    .npz targets (and the .npz beside a .json target, for its arrays of over a million values)
+    are written while the run passes its steps (:meth:`on_step`): a score-sized step goes to disk
+    before the next step reuses its buffer, so an export needs no arrays kept and no more memory
+    than the run.  Everything else is written by :meth:`finish`, all or nothing with them; leaving
+    the ``with`` block without finishing removes what was written."""
+
+    def __init__(self, targets: Iterable[Path], shown: Optional[Iterable[str]] = None,
+                 protected: Iterable[Path] = ()):
+        self.targets = [Path(t) for t in targets]
+        self.shown = None if shown is None else set(shown)
+        self.archives: Dict[Path, ArrayArchive] = {}       # resolved path -> archive
+        self.full: Dict[Path, ArrayArchive] = {}            # explicit .npz targets: every array
+        self.beside: Dict[Path, ArrayArchive] = {}          # .json target -> its big arrays' archive
+        for path in self.targets:
+            suffix = path.suffix.lower()
+            if suffix == ".npz":
+                self.full[path] = self._archive(path)
+            elif suffix == ".json":
+                beside = sidecar_of(path)
+                refuse_inputs(beside, protected, f"--export {path} (its big arrays go to {beside.name})")
+                self.beside[path] = self._archive(beside)
+
+    def _archive(self, path: Path) -> ArrayArchive:
+        return self.archives.setdefault(path.resolve(), ArrayArchive(path))
+
+    def on_step_or_none(self):
+        """The run's on_step callback when there is something to stream."""
+        return self.on_step if self.archives else None
+
+    def wants(self, step, trace) -> bool:
+        """In full: the steps shown (all without --steps), and always the output."""
+        return self.shown is None or step.hook in self.shown or step is trace.plan.steps[-1]
+
+    def on_step(self, step, array: np.ndarray, trace) -> None:
+        if not self.wants(step, trace):
+            return
+        for archive in self.full.values():
+            archive.add(step.hook, array)
+        if array.size > LIST_VALUES_LIMIT:
+            for archive in self.beside.values():
+                archive.add(step.hook, array)
+
+    def finish(self, trace, render: Callable[[Any], None], extra: Optional[dict] = None,
+               width: Optional[int] = None) -> List[Path]:
+        """Write the rest and move every file into place; returns the targets (for "exported: ...")."""
+        writers = []
+        for path in self.targets:
+            suffix = path.suffix.lower()
+            if suffix == ".html":
+                from attntrace.render.trace_explorer import trace_page
+                page = trace_page(trace).encode("utf-8")
+                writers.append((path, lambda f, page=page: f.write(page)))
+            elif suffix in RENDERED:
+                text = rendered_bytes(path, render, width)
+                writers.append((path, lambda f, text=text: f.write(text)))
+            elif suffix == ".json":
+                writers.append((path, lambda f, path=path: write_json_document(
+                    f, trace, extra or {}, archive=self.beside[path], wanted=self.wanted(trace))))
+        for archive in self.full.values():
+            self._complete(archive, trace)
+        try:
+            write_all(writers, [archive.file for archive in self.archives.values()],
+                      before_pending=self._close_archives)
+        finally:
+            self.discard()
+        written = list(self.targets)
+        written += [a.path for a in self.beside.values() if a.names and a.path.resolve() not in
+                    {t.resolve() for t in self.targets}]
+        return written
+
+    def wanted(self, trace) -> Set[str]:
+        return {step.hook for step in trace.plan.steps if self.wants(step, trace)}
+
+    def _complete(self, archive: ArrayArchive, trace) -> None:
+        """Kept arrays the run did not pass through on_step (a trace from elsewhere), then the text
+        metadata: the name, tokens and step order."""
+        for step in trace.plan.steps:
+            if step.hook in trace.arrays and self.wants(step, trace):
+                archive.add(step.hook, trace.arrays[step.hook])
+        hooks = [hook for hook in trace.plan.hooks if hook in archive.names]
+        for name, value in (("__name__", str(trace.spec.name)), ("__tokens__", [str(t) for t in trace.spec.tokens]),
+                            ("__key_tokens__", [str(t) for t in trace.spec.key_tokens]), ("__hooks__", hooks)):
+            archive.add(name, np.array(value))
+
+    def _close_archives(self) -> None:
+        for archive in self.archives.values():
+            archive.close()
+
+    def discard(self) -> None:
+        for archive in self.archives.values():
+            archive.discard()
+
+    def __enter__(self) -> Exports:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def sidecar_of(path: Path) -> Path:
+    """Where a .json export's big arrays go: the .npz of the same name beside it."""
+    return Path(path).with_suffix(".npz")
+
+
+def write_json_document(f, trace, extra: dict, archive: Optional[ArrayArchive] = None,
+                        wanted: Optional[Set[str]] = None) -> None:
     """The JSON document of `trace` with every kept array in full, streamed: the header, then one
-    hook at a time, each array row by row, so memory stays one row of text (not the document)."""
+    hook at a time, each array row by row, so memory stays one row of text (not the document).
+    Arrays of over a million values are in `archive` (the .npz beside it), referred to as
+    ``{"npz": "trace.npz", "key": hook}``; `wanted`: the hooks in full (all by default)."""
     header = dict(trace_header(trace, int(extra.get("exit_code", 0))), **extra)
     f.write(b"{\n")
     for key, value in header.items():
@@ -80,18 +240,23 @@ def write_json_document(f, trace, extra: dict) -> None:
     f.write(b'  "hooks": {')
     for n, step in enumerate(trace.plan.steps):
         entry = hook_entry(trace, step, "none")
-        array = trace.arrays.get(step.hook)
+        array = trace.arrays.get(step.hook) if wanted is None or step.hook in wanted else None
+        big = math.prod(trace.stats[step.hook].shape) > LIST_VALUES_LIMIT
+        in_archive = big and archive is not None and step.hook in archive.names
         f.write((",\n    " if n else "\n    ").encode() + json.dumps(step.hook).encode() + b": ")
         f.write(_dumps(entry)[:-1])            # the entry without its closing brace: its values follow
-        if array is not None and array.size > LIST_VALUES_LIMIT:
+        if in_archive or (array is not None and big and archive is not None):
+            if not in_archive:
+                archive.add(step.hook, array)
+            f.write(b', "values": ' + _dumps({"npz": archive.path.name, "key": step.hook}))
+        elif array is not None and big:
             f.write(b', "values": ')
             _write_packed(f, array)
         elif array is not None:
             f.write(b', "values": ')
             _write_array(f, array)
         else:
-            preview = hook_entry(trace, step, "preview")["preview"]
-            f.write(b', "preview": ' + _dumps(preview))
+            f.write(b', "preview": ' + _dumps(preview_entry(trace, step)))
         f.write(b"}")
     f.write(b"\n  }")
     winners = {hook: {"weight": w, "key": k} for hook, (w, k) in trace.winners.items()}
@@ -128,34 +293,3 @@ def _write_array(f, array: np.ndarray) -> None:
             f.write(b", ")
         _write_array(f, array[i])
     f.write(b"]")
-
-
-def trace_arrays(trace) -> dict:
-    """What a saved .npz holds: hook arrays in step order plus text metadata."""
-    arrays = {hook: trace.arrays[hook] for hook in trace.plan.hooks if hook in trace.arrays}
-    arrays.update({
-        "__name__": np.array(str(trace.spec.name)),
-        "__tokens__": np.array([str(t) for t in trace.spec.tokens]),
-        "__key_tokens__": np.array([str(t) for t in trace.spec.key_tokens]),
-        "__hooks__": np.array(list(arrays)),
-    })
-    return arrays
-
-
-def export_all(targets: Iterable[Path], trace, render: Callable[[Any], None], extra: Optional[dict] = None,
-               width: Optional[int] = None) -> List[Path]:
-    """Write every --export target, all or nothing; returns them (for an "exported: ..." line)."""
-    writers = []
-    for path in targets:
-        suffix = Path(path).suffix.lower()
-        if suffix == ".html":
-            from attntrace.render.trace_explorer import trace_page
-            page = trace_page(trace).encode("utf-8")
-            writers.append((Path(path), lambda f, page=page: f.write(page)))
-        elif suffix in RENDERED:
-            text = rendered_bytes(path, render, width)
-            writers.append((Path(path), lambda f, text=text: f.write(text)))
-        else:
-            writers.append((Path(path), data_writer(path, trace, extra)))
-    write_all(writers)
-    return [path for path, _ in writers]

@@ -33,11 +33,16 @@ def hook_entry(trace, step, values: str = "preview") -> Dict[str, Any]:
     if array is not None and (values == "full" or array.size <= VALUES_LIMIT):
         entry["values"] = array
     else:
-        point = point_of(step.hook)
-        corner = trace.previews.get(step.hook) or preview(array, point.rows, point.cols, PREVIEW_EDGE)
-        entry["preview"] = {"row_axis": point.rows, "col_axis": point.cols, "rows": corner.rows,
-                            "cols": corner.cols, "values": corner.values}
+        entry["preview"] = preview_entry(trace, step)
     return entry
+
+
+def preview_entry(trace, step) -> Dict[str, Any]:
+    """The corner preview of a hook: its first and last rows and columns."""
+    point = point_of(step.hook)
+    corner = trace.previews.get(step.hook) or preview(trace.arrays[step.hook], point.rows, point.cols, PREVIEW_EDGE)
+    return {"row_axis": point.rows, "col_axis": point.cols, "rows": corner.rows, "cols": corner.cols,
+            "values": corner.values}
 
 
 def trace_header(trace, exit_code: int = 0) -> Dict[str, Any]:
