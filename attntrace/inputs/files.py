@@ -3,8 +3,9 @@
 Every file attntrace writes (exports, `save` hooks, imported specs) goes
 through :func:`atomic_write`: a temporary file in the same folder, then
 ``os.replace``, so a reader never sees half a file and an interrupted run
-leaves the old one intact (files are not forced to disk: see PendingFile.finish).  Nothing is ever written over an input of the run:
-the spec, the arrays it loads, hook files and patch files.
+leaves the old one intact (files are not forced to disk: see PendingFile.finish).
+Nothing is ever written over an input of the run: the spec, the arrays it loads,
+hook files and patch files.
 """
 from __future__ import annotations
 
