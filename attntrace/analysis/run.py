@@ -24,7 +24,6 @@ from attntrace.core.plan import Plan, Step, plan_from_spec
 from attntrace.core.trace import Trace
 from attntrace.errors import Diagnosis, ShapeError, input_error
 from attntrace.inputs.spec import Spec, load_spec
-from attntrace.models.build import resolve as resolve_model
 
 CHECK_LEVELS = ("none", "default", "all")
 Check = Union[bool, str]
@@ -32,7 +31,11 @@ Check = Union[bool, str]
 
 def load(spec: Union[Spec, str, Path, dict]) -> Spec:
     """A spec from a path, a dict or a Spec, with its `model:` (a real checkpoint) resolved into blocks."""
-    return resolve_model(load_spec(spec))
+    spec = load_spec(spec)
+    if spec.model is None:
+        return spec                 # models/ (50 ms of imports) only for a spec that names a checkpoint
+    from attntrace.models.build import resolve as resolve_model
+    return resolve_model(spec)
 
 
 def prepare(spec: Union[Spec, str, Path, dict], chunk: Optional[int] = None,
