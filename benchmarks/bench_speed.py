@@ -31,9 +31,11 @@ One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .n
    process: a child forked straight from this one would count this process's RSS as its own).
 3. **Start-up**: ``attntrace --help`` and ``attntrace run`` (the built-in example) in a fresh
    interpreter each.
-4. **Render** of a 2k trace (the rich output to /dev/null), and ``attntrace run --export
-   trace.json`` of a 2k trace in a fresh interpreter (with an address-space cap, ``--export-cap``,
-   and a time limit, so a run that would not fit fails instead of swapping the machine).
+4. **Render** of a 2k trace (the rich output to /dev/null), and the command ``attntrace run`` on a
+   2k trace with and without ``--export trace.json``, alternately, each in a fresh interpreter
+   (imports not timed; the last export deleted and the disk synced before each; with an
+   address-space cap, ``--export-cap``, and a time limit, so a run that would not fit fails
+   instead of swapping the machine).
 
 Targets (issue 14): a full trace ≤ 1.05× bare numpy and no slower than torch MHA at 2k and 4k;
 a full trace's peak RSS within 1.3× of its estimate; chunked 16k under 2 GB peak RSS;
@@ -311,7 +313,11 @@ def section_memory(seq: int, tmp: Path) -> None:
 
 
 def section_startup(repeat: int) -> None:
-    print(f"\n## Start-up (fresh interpreter each, median of {repeat})")
+    # a checkout run with PYTHONDONTWRITEBYTECODE would compile every module on every start; pip
+    # compiles an installed package once, at install: so do that first
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "attntrace")], check=True,
+                   stdout=subprocess.DEVNULL)
+    print(f"\n## Start-up (fresh interpreter each, median of {repeat}; bytecode compiled, as pip installs it)")
     help_t, help_all = fresh(["-m", "attntrace", "--help"], repeat)
     run_t, run_all = fresh(["-m", "attntrace", "run"], repeat)
     print(f"  attntrace --help              {ms(help_t)}   (target ≤ 150 ms)   all: "
@@ -320,16 +326,16 @@ def section_startup(repeat: int) -> None:
           + " ".join(f"{t * 1000:.0f}" for t in run_all))
 
 
-EXPORT_CODE = """
+COMMAND_CODE = """
 import resource, sys, time
-cap = int(sys.argv[3])
+cap = int(sys.argv[1])
 if cap:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 from attntrace.cli.main import cli
+import attntrace.analysis.run, attntrace.render.trace_view, attntrace.render.export     # imports: not timed
 start = time.perf_counter()
 try:
-    cli.main(args=["run", sys.argv[1], "--dtype", "float32", "--export", sys.argv[2]], prog_name="attntrace",
-             standalone_mode=False)
+    cli.main(args=sys.argv[2:], prog_name="attntrace", standalone_mode=False)
     code = 0
 except SystemExit as done:
     code = done.code or 0
@@ -338,6 +344,20 @@ except MemoryError:
 elapsed = time.perf_counter() - start
 print("RESULT", elapsed, code, file=sys.stderr)
 """
+
+
+def command_time(args, cap: int, limit: float):
+    """(seconds, exit code, peak RSS) of `attntrace ARGS` in a fresh interpreter, imports excluded
+    (its output to /dev/null); None when it did not finish in `limit` seconds."""
+    try:
+        done, rss = measured(COMMAND_CODE, cap, *args, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return None
+    result = [line for line in done.stderr.splitlines() if line.startswith("RESULT")]
+    if not result:
+        return float("nan"), (done.stderr.strip().splitlines() or ["?"])[-1], rss
+    _, elapsed, code = result[-1].split()
+    return float(elapsed), code, rss
 
 
 def section_render_export(seq: int, repeat: int, export: bool, cap: int, limit: float, tmp: Path) -> None:
@@ -358,30 +378,44 @@ def section_render_export(seq: int, repeat: int, export: bool, cap: int, limit: 
     trace_it()
     times = interleaved([("run", trace_it), ("render", render_it)], repeat)
     run_t, render_t = statistics.median(times["run"]), statistics.median(times["render"])
-    print(f"  attntrace.run()               {ms(run_t)}")
-    print(f"  render (rich, to /dev/null)   {ms(render_t)}   {render_t / run_t:.2f}× the run")
+    print(f"  attntrace.run()                    {ms(run_t)}")
+    print(f"  render (rich, to /dev/null)        {ms(render_t)}   {render_t / run_t:.2f}× the run")
     if not export:
         return
-    target = folder / "trace.json"
-    start = time.perf_counter()
-    try:
-        done, rss = measured(EXPORT_CODE, spec, target, cap, timeout=limit)
-    except subprocess.TimeoutExpired:
-        print(f"  run --export trace.json       did not finish in {limit:.0f} s (stopped)")
-        return
-    finally:
-        size = target.stat().st_size if target.exists() else 0
-        if target.exists():
-            target.unlink()
-    result = [line for line in done.stderr.splitlines() if line.startswith("RESULT")]
-    if not result:
-        print(f"  run --export trace.json       failed after {time.perf_counter() - start:.1f} s: "
-              f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        return
-    _, elapsed, code = result[-1].split()
-    verdict = "" if code == "0" else f"   FAILED ({code}; address space capped at {cap / 2**30:.0f} GiB)"
-    print(f"  run --export trace.json       {ms(float(elapsed))}   {float(elapsed) / run_t:.1f}× the run, "
-          f"peak RSS {rss / 2**30:.2f} GiB, {size / 2**20:.0f} MiB written{verdict}")
+    # the command with and without --export, alternately, each in a fresh interpreter (imports not timed);
+    # before each, the last export is deleted and os.sync() lets the disk finish writing it, so every
+    # export pays for its own bytes, not for the write-back of the one before
+    target, beside = folder / "trace.json", folder / "trace.npz"
+    plain = ["run", str(spec), "--dtype", "float32"]
+    results: dict = {"plain": [], "export": []}
+    written = 0
+    for _ in range(repeat):
+        for name, args in (("plain", plain), ("export", plain + ["--export", str(target)])):
+            for old in (target, beside):
+                if old.exists():
+                    old.unlink()
+            os.sync()
+            time.sleep(PAUSE)
+            outcome = command_time(args, cap, limit)
+            if outcome is None:
+                print(f"  attntrace {' '.join(args[2:])}: did not finish in {limit:.0f} s (stopped)")
+                return
+            if outcome[1] != "0":
+                print(f"  attntrace {name}: FAILED ({outcome[1]}; address space capped at {cap / 2**30:.0f} GiB)")
+                return
+            results[name].append(outcome)
+            if name == "export":
+                written = sum(f.stat().st_size for f in (target, beside) if f.exists())
+    plain_t = statistics.median(r[0] for r in results["plain"])
+    export_t = statistics.median(r[0] for r in results["export"])
+    plain_rss = max(r[2] for r in results["plain"])
+    export_rss = max(r[2] for r in results["export"])
+    print(f"  attntrace run (cmd)                {ms(plain_t)}   peak RSS {plain_rss / 2**30:.2f} GiB"
+          f"   (fresh interpreter, imports not timed, median of {len(results['plain'])})")
+    print(f"  attntrace run --export trace.json  {ms(export_t)}   peak RSS {export_rss / 2**30:.2f} GiB, "
+          f"{written / 2**20:.0f} MiB written (trace.json + trace.npz)")
+    print(f"  the export costs {export_t / plain_t:.2f}× the command without it "
+          f"({(export_t - plain_t) / run_t:.1f}× attntrace.run() on top)")
     print("  target: the JSON export of a 2k trace ≤ 2× the run")
 
 

@@ -37,7 +37,6 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequ
 import numpy as np
 
 from attntrace.errors import InputError, Location, input_error
-from attntrace.inputs.safetensors_io import open_tensors
 from attntrace.text import did_you_mean, format_shape
 
 
@@ -512,6 +511,7 @@ def _tensor_file(file: Path, ctx: SourceContext, path: Sequence):
     try:
         tensors = ctx.tensor_files.get(file)
         if tensors is None:
+            from attntrace.inputs.safetensors_io import open_tensors  # only for a spec that reads one
             tensors = ctx.tensor_files[file] = open_tensors(file)
         return tensors
     except InputError as error:          # the reader names the file; add the YAML line

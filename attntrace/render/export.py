@@ -21,18 +21,17 @@ compare it with a spec.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
 from attntrace.inputs.files import DATA_SUFFIXES, PendingFile, refuse_inputs, write_all, write_error
-from attntrace.inputs.packed_array import NUMERIC_KINDS, little_endian, packed_header
+from attntrace.inputs.npz_writer import NpzWriter
+from attntrace.inputs.packed_array import little_endian, packed_header
 from attntrace.render.json_view import hook_entry, preview_entry, trace_header
 
 LIST_VALUES_LIMIT = 1 << 20        # arrays up to this many values are nested lists in a JSON export; bigger: base64
@@ -65,23 +64,22 @@ def rendered_bytes(path: Path, render: Callable[[Any], None], width: Optional[in
 
 
 class ArrayArchive:
-    """A .npz written member by member (uncompressed, zip64), each array straight from the step
-    that made it: memory stays one slice of one array, whatever the trace's size."""
+    """A .npz written member by member (:class:`attntrace.inputs.npz_writer.NpzWriter`), each array
+    straight from the step that made it: memory stays one slice of one array, whatever the trace's size."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.file = PendingFile(self.path)
-        self.zip: Optional[zipfile.ZipFile] = None
+        self.writer: Optional[NpzWriter] = None
         self.names: List[str] = []
 
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self.names:
             return
         try:
-            if self.zip is None:
-                self.zip = zipfile.ZipFile(self.file.open(), "w", zipfile.ZIP_STORED, allowZip64=True)
-            with self.zip.open(name + ".npy", "w", force_zip64=True) as member:
-                _write_npy(member, np.asanyarray(array))
+            if self.writer is None:
+                self.writer = NpzWriter(self.file.open())
+            self.writer.add(name, array)
         except OSError as exc:
             self.discard()
             raise write_error(self.path, exc) from None
@@ -89,35 +87,13 @@ class ArrayArchive:
 
     def close(self) -> None:
         """The zip's central directory (before the file is moved into place)."""
-        if self.zip is not None:
-            self.zip.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def discard(self) -> None:
-        if self.zip is not None:
-            with contextlib.suppress(OSError, ValueError):     # its file goes anyway
-                self.zip.close()
-            self.zip = None
+        self.writer = None
         self.file.discard()
-
-
-def _write_npy(stream, array: np.ndarray) -> None:
-    """An array in .npy format (C order, no pickle): its header, then its bytes a slice at a time,
-    with no copy of the whole array."""
-    from numpy.lib import format as npy
-    header = dict(npy.header_data_from_array_1_0(array), fortran_order=False)
-    if len(repr(header)) < 65000:
-        npy.write_array_header_1_0(stream, header)
-    else:                                               # a header this long needs format 2.0
-        npy.write_array_header_2_0(stream, header)
-    if array.flags.c_contiguous and array.dtype.kind in NUMERIC_KINDS:
-        flat = array.reshape(-1)
-        step = max(1, PACK_SLICE_BYTES // flat.itemsize)
-        for start in range(0, flat.size, step):
-            stream.write(memoryview(flat[start:start + step]).cast("B"))
-        return
-    for chunk in np.nditer(array, flags=["external_loop", "buffered", "zerosize_ok"], order="C",
-                           buffersize=max(1, PACK_SLICE_BYTES // max(1, array.itemsize))):
-        stream.write(chunk.tobytes("C"))
 
 
 class Exports:
