@@ -298,3 +298,29 @@ def test_steps_choose_what_a_data_export_holds(invoke, spec_path, tmp_path):
     assert "stats" in document["hooks"]["attn.hook_pattern"]
     with np.load(npz, allow_pickle=False) as saved:
         assert {name for name in saved.files if not name.startswith("__")} == full
+
+
+def test_the_npz_beside_a_json_export_is_checked_before_the_run(invoke, spec_path, tmp_path):
+    (tmp_path / "t.npz").mkdir()                              # a folder where the arrays would go
+    code, out = invoke("run", spec_path, "--export", tmp_path / "t.json", "--format", "json")
+    assert code == 2
+    diagnosis = json.loads(out)["diagnoses"][0]
+    assert diagnosis["code"] == "ATT-E064" and "t.npz" in diagnosis["message"] and "folder" in diagnosis["message"]
+    assert not (tmp_path / "t.json").exists() and leftovers(tmp_path) == []
+
+
+def test_an_export_that_would_not_fit_on_its_disk_is_refused_before_the_run(invoke, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    spec = big_spec(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 20 << 20))     # 20 MiB free
+    code, out = invoke("run", spec, "--dtype", "float32", "--export", tmp_path / "t.json", "--format", "json")
+    assert code == 2
+    diagnosis = json.loads(out)["diagnoses"][0]
+    # the weights, scores (x3) and output of 1,500 tokens in float32: about 40 MiB beside the JSON
+    assert diagnosis["code"] == "ATT-E064" and "t.npz" in diagnosis["message"] and "20.0 MiB" in diagnosis["message"]
+    assert "--steps" in diagnosis["hint"]
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.npz").exists()
+    code, _ = invoke("run", spec, "--dtype", "float32", "--steps", "output", "--export", tmp_path / "t.json")
+    assert code == 0                                          # what --steps leaves fits

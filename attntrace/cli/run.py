@@ -145,6 +145,12 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     targets = check_targets(exports, inputs)
     from attntrace.render.export import Exports
     export_files = Exports(targets, shown=parse_steps(steps, plan) if steps else None, protected=inputs)
+    if targets:
+        import numpy as np
+
+        from attntrace.analysis.run import default_dtype
+        export_files.check_space(plan_from_spec(loaded, chunk, chunk_row) if chunk else plan,
+                                 np.dtype(dtype or default_dtype(loaded)).itemsize)
     if step_mode and fmt == "json":
         raise input_error("ATT-E068", "--step is interactive and cannot be combined with --format json")
     console = make_console(width)

@@ -2,16 +2,23 @@
 
 Exports are all or nothing: every target is validated before the run
 (:func:`attntrace.inputs.files.check_targets`: a known suffix, a writable
-folder, not an input of the run), every file is rendered in memory, then all
-are written into temporary files beside their targets and only then moved
-into place -- so a failure (a full disk, a folder made read-only meanwhile)
-leaves no partial set behind and is one ATT-E064 error.  Exports never
-overwrite an input of the run: the spec, the arrays it loads, hook files and
-patch files.
+folder, not an input of the run), the arrays are written during the run into
+temporary files beside their targets, the rest after it, and only then is
+every file moved into place -- so a failure (a full disk, a folder made
+read-only meanwhile, a run that fails or is interrupted) leaves no partial set
+behind and is one ATT-E064 error.  Exports never overwrite an input of the
+run: the spec, the arrays it loads, hook files and patch files.
 
-A .json export holds every kept array in full: up to a million values as
-nested lists, bigger ones packed as base64 bytes (:mod:`attntrace.inputs.packed_array`),
-streamed hook by hook so memory stays one slice of one array.
+The arrays stream: :class:`Exports` is opened before the run, and its on_step
+callback writes each step's array to the .npz files as the step finishes,
+before the next step reuses the buffer -- so an export keeps no arrays and
+needs no more memory than the run.
+
+A .json export holds every array in full: up to a million values as nested
+lists; bigger ones in the .npz of the same name beside it, under the hook's
+name, referred to as ``{"npz": "trace.npz", "key": hook}``.  (A JSON document
+written without a file beside it packs them as base64 bytes instead,
+:mod:`attntrace.inputs.packed_array`.)
 
 A saved .npz holds one array per hook, under the hook's name, plus
 ``__name__``, ``__tokens__``, ``__key_tokens__`` and ``__hooks__`` (the step
@@ -29,12 +36,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
-from attntrace.inputs.files import DATA_SUFFIXES, PendingFile, refuse_inputs, write_all, write_error
+from attntrace.errors import input_error
+from attntrace.inputs.files import DATA_SUFFIXES, PendingFile, check_writable, refuse_inputs, write_all, write_error
 from attntrace.inputs.npz_writer import NpzWriter
 from attntrace.inputs.packed_array import little_endian, packed_header
 from attntrace.render.json_view import hook_entry, preview_entry, trace_header
 
-LIST_VALUES_LIMIT = 1 << 20        # arrays up to this many values are nested lists in a JSON export; bigger: base64
+LIST_VALUES_LIMIT = 1 << 20        # up to this many values: nested lists in a JSON export; more: the .npz beside it
 PACK_SLICE_BYTES = 1 << 22
 RENDERED = {".svg": "svg", ".txt": "text"}    # suffix -> rich export (.html is the explorer)
 META_KEYS = ("__name__", "__tokens__", "__key_tokens__", "__hooks__")
@@ -118,8 +126,30 @@ class Exports:
                 self.full[path] = self._archive(path)
             elif suffix == ".json":
                 beside = sidecar_of(path)
-                refuse_inputs(beside, protected, f"--export {path} (its big arrays go to {beside.name})")
+                what = f"--export {path} (its big arrays go to {beside.name})"
+                check_writable(beside, what)
+                refuse_inputs(beside, protected, what)
                 self.beside[path] = self._archive(beside)
+
+    def check_space(self, plan, itemsize: int) -> None:
+        """Before the run: refuse (ATT-E064) when the arrays the .npz files will hold do not fit on
+        their disk (the plan knows every shape), instead of failing after the work is done."""
+        import shutil
+
+        from attntrace.core.memory import human
+        for path, archive in self.archives.items():
+            big_only = archive not in self.full.values()
+            need = sum(plan.result_bytes(step, itemsize) for step in plan.steps
+                       if (self.shown is None or step.hook in self.shown or step is plan.steps[-1]) and
+                       not (big_only and plan.result_bytes(step, 1) <= LIST_VALUES_LIMIT))
+            try:
+                free = shutil.disk_usage(path.parent).free
+            except OSError:
+                continue
+            if need > free:
+                raise input_error("ATT-E064", f"--export: {archive.path} would hold about {human(need)} of arrays; "
+                                              f"{human(free)} is free on its disk",
+                                  hint="--steps LIST exports only the steps shown; or write into another folder")
 
     def _archive(self, path: Path) -> ArrayArchive:
         return self.archives.setdefault(path.resolve(), ArrayArchive(path))
