@@ -590,7 +590,8 @@ def _flags(rng: random.Random, case: Case, count: int) -> List[str]:
         lambda: ["--values"], lambda: ["--dtype", rng.choice(["float32", "float64", "float16"])],
         lambda: ["--inject", rng.choice(BUG_NAMES)], lambda: ["--hook", hook_text(rng)],
         lambda: ["--export", str(case.folder / rng.choice(["t.svg", "t.npz", "t.json", "t.txt", "t.html", "t.png",
-                                                           "spec.yaml", "no/t.svg", "."]))],
+                                                           "spec.yaml", "no/t.svg", ".",
+                                                           "a.json", "p.json"]))],     # beside: an input .npz
     ]
     argv: List[str] = []
     for _ in range(count):
