@@ -6,13 +6,13 @@ print shapes in exactly the same way.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Iterable, Optional, Sequence
 
 
 def did_you_mean(word: object, choices: Iterable[str], *, n: int = 1, cutoff: float = 0.6,
                  otherwise: Optional[str] = None) -> Optional[str]:
     """'did you mean 'causal'?' for the closest choices, else `otherwise` (a fallback hint or None)."""
+    import difflib  # only when there is something to suggest
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=cutoff)
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"

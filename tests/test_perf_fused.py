@@ -149,3 +149,21 @@ def test_fused_steps_in_cross_attention(monkeypatch, dtype):
     for keep in ("all", ["hook_attn_out"]):
         _compare(_trace(monkeypatch, spec, False, dtype=dtype, keep=keep),
                  _trace(monkeypatch, spec, True, dtype=dtype, keep=keep), dtype)
+
+
+def test_blas_threads_are_left_alone_for_toy_runs_and_limited_for_small_ones():
+    # OpenBLAS keeps a product under 2·65536·4 flops on one thread by itself: a toy run does not
+    # need (or load) threadpoolctl; a run above that but under ONE_THREAD_FLOPS gets one thread
+    import contextlib
+
+    from attntrace.core.plan import plan_from_spec
+
+    def limit_of(seq, d):
+        plan = plan_from_spec(attntrace.load_spec(_spec(None, batch=1, seq=seq, heads=2, kv=2, d=d)))
+        return engine._blas_threads(plan)
+
+    assert isinstance(limit_of(4, 8), contextlib.nullcontext)
+    small = limit_of(256, 64)
+    assert not isinstance(small, contextlib.nullcontext)
+    small.restore_original_limits()
+    assert isinstance(limit_of(4096, 512), contextlib.nullcontext)       # big: every core

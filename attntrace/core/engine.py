@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Optional, Set, Union
 
 import numpy as np
 
-from attntrace.core import chunked, masks, ops, positional
+from attntrace.core import masks, ops, positional
 from attntrace.core.hooks import HookSet
 from attntrace.core.memory import AUTO_KEEP_ELEMENTS, SCORE_BUFFER
 from attntrace.core.plan import BlockPlan, Plan, Step
@@ -52,6 +52,10 @@ from attntrace.inputs.spec import AttentionSpec, BlockSpec, Spec
 # threads for an (8 × 384)·(384 × 1536) product costs more than the product (measured here: 1 ms
 # with one thread, 8 ms with two on a busy machine); big products still get every core.
 ONE_THREAD_FLOPS = 2e8
+# Below this, OpenBLAS already keeps every product on one thread (interface/gemm.c: M·N·K under
+# 65536 × GEMM_MULTITHREAD_THRESHOLD (4), i.e. 2 × 262,144 flops), so the run does not load
+# threadpoolctl, whose library scan costs ~8 ms: most of a toy spec's run.
+BLAS_SINGLE_THREADED_FLOPS = 2 * 65536 * 4
 
 
 class State:
@@ -639,6 +643,7 @@ def fused_mix(state: State, pattern: np.ndarray, v: np.ndarray, bands: Bands) ->
 def step_block_max(state: State) -> np.ndarray:
     """Online softmax over key blocks: z and the traced row's running state in one pass; then the
     weights' stats block by block (their pooled overview, row sums, winners), never the weights."""
+    from attntrace.core import chunked  # here: a run without `chunk` does not load it
     plan, block = state.plan, state.block
     q, k = rotated_q_k(state)
     b, sq, sk, h = plan.size("batch"), plan.size("seq_q"), plan.size("seq_k"), plan.size("n_heads")
@@ -783,8 +788,10 @@ def execute(spec: Spec, plan: Plan, *, hookset: HookSet, keep: Keep = "auto", dt
 
 
 def _blas_threads(plan: Plan):
-    """One BLAS thread for small runs (see ONE_THREAD_FLOPS); threadpoolctl, when installed, sets it."""
-    if max((plan.flops(step) for step in plan.steps), default=0) >= ONE_THREAD_FLOPS:
+    """One BLAS thread for small runs (see ONE_THREAD_FLOPS); threadpoolctl, when installed, sets it
+    (not needed for toy runs: see BLAS_SINGLE_THREADED_FLOPS)."""
+    largest = max((plan.flops(step) for step in plan.steps), default=0)
+    if largest >= ONE_THREAD_FLOPS or largest < BLAS_SINGLE_THREADED_FLOPS:
         return contextlib.nullcontext()
     try:
         from threadpoolctl import threadpool_limits

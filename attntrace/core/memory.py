@@ -26,8 +26,6 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from attntrace.core import chunked
-
 MiB = 1 << 20
 AUTO_KEEP_ELEMENTS = 1 << 20        # must equal core.engine.AUTO_KEEP_ELEMENTS (the engine imports it from here)
 SAFETY = 1.10                       # refuse when the estimate, plus this margin, exceeds what is free
@@ -105,6 +103,7 @@ def _working(plan, step, itemsize: int, kept: Optional[Set[str]]) -> int:
     block = plan.block(step.layer)
     b, h, q, k = (plan.size(n) for n in ("batch", "n_heads", "seq_q", "seq_k"))
     if step.key == "block_max":
+        from attntrace.core import chunked  # only chunked runs load it
         sizes = chunked.working_bytes(b, h, plan.size("n_kv_heads"), q, k, plan.size("d_head"), plan.size("d_v"),
                                       block.chunk, block.chunk, itemsize, keep=block.masked,
                                       bias=plan.positional == "alibi", stats=True, traced_rows=1)

@@ -10,7 +10,6 @@ hook files and patch files.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -100,6 +99,7 @@ class PendingFile:
 
     def open(self) -> BinaryIO:
         if self.stream is None:
+            import tempfile  # (and its `random`) only when a file is written: most runs write none
             try:
                 handle, self.temp = tempfile.mkstemp(dir=str(self.path.resolve().parent),
                                                      prefix=f".{self.path.name}.", suffix=".tmp")

@@ -28,16 +28,17 @@ import contextlib
 import contextvars
 import numbers
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from attntrace.errors import InputError, Location, input_error
 from attntrace.text import did_you_mean, format_shape
+
+if TYPE_CHECKING:
+    import zipfile  # imported where an archive is opened: 6 ms of every start otherwise
 
 
 @dataclass
@@ -419,6 +420,7 @@ def open_npz(file: Path) -> Iterator[zipfile.ZipFile]:
             raise BadArrayFile(f"{file.name} is a .npy file, not a .npz archive", hint=f"write {{npy: {file.name}}}")
         what = "an empty file" if not magic else "not a .npz archive (no zip header)"
         raise BadArrayFile(f"{file.name} is {what}", hint="write it with np.savez(path, name=array)")
+    import zipfile
     try:
         archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:
@@ -440,6 +442,7 @@ def _npz_member(archive: zipfile.ZipFile, key: str, file: Path, ctx: SourceConte
 
 
 def _open_member(archive: zipfile.ZipFile, member: str, file: Path) -> BinaryIO:
+    import zipfile
     try:
         return archive.open(member)
     except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError, EOFError) as exc:
@@ -448,6 +451,8 @@ def _open_member(archive: zipfile.ZipFile, member: str, file: Path) -> BinaryIO:
 
 def read_npz_member(archive: zipfile.ZipFile, member: str, file: Path,
                     location: Optional[Location] = None) -> np.ndarray:
+    import zipfile
+    import zlib
     size = archive.getinfo(member).file_size
     with _open_member(archive, member, file) as stream:
         try:

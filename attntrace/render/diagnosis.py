@@ -70,7 +70,7 @@ def diagnosis_panel(d, also: str = "") -> Panel:
     if d.hook:
         title += f" · {d.hook}"
     title += also
-    return Panel(Group(*parts), title=title, title_align="left", border_style=colour, expand=False)
+    return Panel(Group(*parts), title=Text(title), title_align="left", border_style=colour, expand=False)
 
 
 _HEAD = re.compile(r"\bhead (\d+)")

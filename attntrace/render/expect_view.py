@@ -29,7 +29,8 @@ def _cell_text(grid, i: int, j: int) -> Text:
 
 def row_table(grid) -> Table:
     """One written row, listed down the page: label, written, true."""
-    table = Table(title=grid.row_labels[0] if grid.row_labels[0] else None, box=box.SIMPLE_HEAD,
+    # titles as Text: a token such as "[CLS]" or "[/b]" is not rich markup
+    table = Table(title=Text(grid.row_labels[0]) if grid.row_labels[0] else None, box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, show_edge=False, title_justify="left", title_style="bold")
     for heading, justify in (("", "left"), ("written", "right"), ("true", "right"), ("", "left")):
         table.add_column(Text(heading, style="bold"), justify=justify, no_wrap=True)
@@ -46,7 +47,7 @@ def row_table(grid) -> Table:
 def grid_table(grid) -> Table:
     if grid.written.shape[0] == 1 and grid.written.shape[1] > 1:
         return row_table(grid)
-    table = Table(title=grid.title or None, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+    table = Table(title=Text(grid.title) if grid.title else None, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
                   show_edge=False, title_justify="left", title_style="bold")
     n_rows, n_cols = grid.written.shape
     rows = edge_indices(n_rows, EDGE) if n_rows > MAX_SHOWN else range(n_rows)

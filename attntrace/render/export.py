@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set
@@ -61,7 +60,7 @@ def rendered_bytes(path: Path, render: Callable[[Any], None], width: Optional[in
     """Render into a recording console: rich's SVG / text export of it, as bytes."""
     from rich.console import Console
     console = Console(file=io.StringIO(), record=True, width=width or 120, force_terminal=True,
-                      color_system="truecolor", highlight=False, soft_wrap=False)
+                      color_system="truecolor", highlight=False, emoji=False, soft_wrap=False)
     render(console)
     kind = RENDERED[Path(path).suffix.lower()]
     if kind == "svg":
@@ -239,6 +238,7 @@ def write_json_document(f, trace, extra: dict, archive: Optional[ArrayArchive] =
     hook at a time, each array row by row, so memory stays one row of text (not the document).
     Arrays of over a million values are in `archive` (the .npz beside it), referred to as
     ``{"npz": "trace.npz", "key": hook}``; `wanted`: the hooks in full (all by default)."""
+    import json  # here and in _dumps: a run without a JSON export does not load it
     header = dict(trace_header(trace, int(extra.get("exit_code", 0))), **extra)
     f.write(b"{\n")
     for key, value in header.items():
@@ -272,6 +272,8 @@ def write_json_document(f, trace, extra: dict, archive: Optional[ArrayArchive] =
 
 
 def _dumps(value) -> bytes:
+    import json
+
     from attntrace.render.output import jsonable
     return json.dumps(jsonable(value), ensure_ascii=False).encode("utf-8")
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
@@ -128,7 +129,14 @@ class Block:
         self.width = max((line.cell_len for line in lines), default=0)
 
     def __rich_console__(self, console, options):
-        yield from self.lines          # each Text ends its own line
+        # the lines are laid out to fit already: rendered as they are, without rich's wrapping
+        # pass (half of a toy run's time); a line that does not fit ends in "…", never wraps
+        for line in self.lines:
+            if line.cell_len > options.max_width:
+                line = line.copy()          # the Block may be printed again at another width
+                line.truncate(options.max_width, overflow="ellipsis")
+            yield from line.render(console)
+            yield Segment.line()
 
 
 def _is_whole(finite: np.ndarray) -> bool:
@@ -295,14 +303,24 @@ def column_pages(view: MatrixView, width: int, compact: bool, precision: int) ->
     fit = max(1, (width - label - extra) // per_column)
     if view.pooled or len(view.cols) <= fit:
         return [view]
-    pages = []
-    for start in range(0, len(view.cols), fit):
-        cut = slice(start, start + fit)
-        cols = view.cols[cut]
-        title = f"{view.title} · " if view.title else ""
-        pages.append(dataclasses.replace(view, values=view.values[:, cut], col_labels=list(view.col_labels)[cut],
-                                         cols=cols, title=f"{title}keys {int(cols[0])}–{int(cols[-1])} of "
-                                                          f"{view.full_cols}"))
+
+    def paged(size: int) -> List[MatrixView]:
+        pages = []
+        for start in range(0, len(view.cols), size):
+            cut = slice(start, start + size)
+            cols = view.cols[cut]
+            title = f"{view.title} · " if view.title else ""
+            pages.append(dataclasses.replace(view, values=view.values[:, cut], col_labels=list(view.col_labels)[cut],
+                                             cols=cols, title=f"{title}keys {int(cols[0])}–{int(cols[-1])} of "
+                                                              f"{view.full_cols}"))
+        return pages
+
+    pages = paged(fit)
+    # the estimate assumes short labels and numbers; wide ones (a long token, "max → token") need
+    # fewer columns a page: checked on the laid-out pages, as the reader will see them
+    while not compact and fit > 1 and any(matrix_block(page, precision).width > width for page in pages):
+        fit -= 1
+        pages = paged(fit)
     return pages
 
 

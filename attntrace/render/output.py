@@ -1,7 +1,6 @@
 """Consoles, JSON printing and error reports shared by every command."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -11,12 +10,14 @@ import numpy as np
 
 
 def make_console(width: Optional[int] = None, stderr: bool = False, record: bool = False):
-    """A rich console that prints plain text when NO_COLOR is set or output is not a terminal."""
+    """A rich console that prints plain text when NO_COLOR is set or output is not a terminal.
+    No emoji codes: a token or a file name such as ":cat:" is printed as written (and rich's
+    table of emoji codes is not loaded)."""
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
     plain = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
     return Console(file=stream, width=width or (None if stream.isatty() else redirected_width()), no_color=plain,
-                   color_system=None if plain and not record else "auto", highlight=False,
+                   color_system=None if plain and not record else "auto", highlight=False, emoji=False,
                    soft_wrap=False, record=record, force_terminal=True if record else None)
 
 
@@ -54,6 +55,7 @@ def jsonable(value: Any) -> Any:
 
 
 def print_json(document: Any) -> None:
+    import json  # only --format json prints it (~3 ms of every start otherwise)
     sys.stdout.write(json.dumps(jsonable(document), ensure_ascii=False, indent=2) + "\n")
 
 

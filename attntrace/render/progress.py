@@ -24,8 +24,8 @@ def stderr_is_terminal() -> bool:
 def _bar(*columns):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
-    return Progress(TextColumn("[dim]{task.description}"), BarColumn(), *columns, console=Console(file=sys.stderr),
-                    transient=True)
+    return Progress(TextColumn("{task.description}", style="dim", markup=False), BarColumn(), *columns,
+                    console=Console(file=sys.stderr, emoji=False), transient=True)
 
 
 @contextlib.contextmanager
@@ -36,7 +36,8 @@ def progress_bar(description: str, enabled: Optional[bool] = None) -> Iterator[O
         yield None
         return
     from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
-    with _bar(MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[what]}")) as bar:
+    what = TextColumn("{task.fields[what]}", style="dim", markup=False)
+    with _bar(MofNCompleteColumn(), TimeRemainingColumn(), what) as bar:
         tasks = []          # added at the first call, when the total is known (rich 12 has no total=None)
 
         def update(done: int, total: int, what: str) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
+from rich.cells import cell_len, set_cell_size
 from rich.console import Group
 from rich.panel import Panel
 from rich.rule import Rule
@@ -16,6 +17,7 @@ from attntrace.hookpoints import point_of, split_name
 from attntrace.render.diagnosis import diagnosis_panel, group_title, grouped, note_line
 from attntrace.render.matrix import MatrixView, column_pages, fmt_number, heatmap_block, matrix_block, side_by_side
 
+LABEL_CELLS = 16        # the widest a token label is drawn (see _label)
 SCORE_HOOKS = {"attn.hook_qk", "attn.hook_scaled", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_mask"}
 
 
@@ -55,7 +57,15 @@ def named_shape(trace, hook: str) -> str:
 
 
 def _labels(tokens: Sequence[str], indices: np.ndarray, prefix: str = "") -> List[str]:
-    return [f"{prefix}{i}" if i >= len(tokens) else str(tokens[i]) for i in indices]
+    return [f"{prefix}{i}" if i >= len(tokens) else _label(str(tokens[i])) for i in indices]
+
+
+def _label(token: str) -> str:
+    """A token as a row or column label: cut to LABEL_CELLS ("averyverylongto…"), since a column is
+    as wide as its label and one long token would otherwise push every number off the screen."""
+    if cell_len(token) <= LABEL_CELLS:
+        return token
+    return set_cell_size(token, LABEL_CELLS - 1) + "…"
 
 
 def _axis_labels(trace, hook: str, axis_name: str, indices: np.ndarray) -> List[str]:
@@ -265,7 +275,8 @@ def header_renderable(trace) -> Panel:
         norms = f"{block.placement}-norm ({block.ln1 or block.ln2})" if (block.ln1 or block.ln2) else "no norms"
         lines.append(Text.assemble(("blocks ", "dim"), f"{plan.n_blocks} × [attention, {mlp}, {norms}"
                                    + (", residual]" if block.residual else "]")))
-    return Panel(Group(*lines), title=f"attntrace · {spec.name}", title_align="left", expand=False)
+    # the title as Text: a spec named "[/b] test" or ":cat:" is printed as written, not read as markup
+    return Panel(Group(*lines), title=Text(f"attntrace · {spec.name}"), title_align="left", expand=False)
 
 
 def render_trace(console, trace, options: ViewOptions) -> None:
