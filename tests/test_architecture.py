@@ -80,6 +80,21 @@ def test_numpy_rich_yaml_stay_out_of_cli_start_up():
     assert out.strip() == "['click']"
 
 
+def test_the_built_in_run_loads_only_what_it_uses():
+    """`attntrace run` on the built-in example (the start-up figure in benchmarks/) leaves out what
+    only other runs need: each of these cost it 2-50 ms."""
+    import subprocess
+    import sys
+    unused = ("attntrace.models", "attntrace.core.chunked", "attntrace.analysis.actions",
+              "attntrace.analysis.dataflow", "threadpoolctl", "zipfile", "tempfile", "json", "difflib",
+              "rich.table", "rich._emoji_codes", "concurrent.futures")
+    probe = ("import sys; from attntrace.cli.main import main; sys.argv = ['attntrace', 'run']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             f"print('LOADED', sorted(m for m in {unused!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.splitlines()[-1] == "LOADED []", out[-500:]
+
+
 def test_drawing_only_in_render():
     """rich is imported by render/ alone (the CLI's error path reaches it through render.output)."""
     offenders = []

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from attntrace.analysis.dataflow import operand_axes
 from attntrace.core.plan import Plan, output_width
 from attntrace.errors import Diagnosis, Location, Operand, ShapeError
 from attntrace.hookpoints import PROJECTIONS as PROJECTION_TABLE
@@ -119,6 +118,7 @@ class Operands:
         return Operand(self.x_name(encoder), x.shape, axes, f"{where}, one row per token", x.location, conflict)
 
     def weight(self, name: str, conflict: Optional[int] = None) -> Operand:
+        from attntrace.analysis.dataflow import operand_axes  # only a shape error names operands' axes
         array = getattr(self.att, name)
         axes = operand_axes(self.plan, name) if array.data.ndim == 2 else \
             tuple(f"axis{i}" for i in range(array.data.ndim))

@@ -14,7 +14,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from attntrace.analysis import checks as checks_mod
-from attntrace.analysis.actions import hooks_from_spec
 from attntrace.analysis.diagnose import preflight
 from attntrace.analysis.fixes import attach_verified_fixes
 from attntrace.core import memory
@@ -93,6 +92,7 @@ def run(spec: Union[Spec, str, dict], *, hooks: Sequence[Tuple[str, HookFn]] = (
     if not force:
         check_memory(spec, plan, dtype, keep_set(keep, plan), chunk_row)
     if spec_hooks and spec.hooks:
+        from attntrace.analysis.actions import hooks_from_spec  # loaded only by runs with hooks
         hooks = hooks_from_spec(spec) + list(hooks)
     hookset = HookSet(hooks, plan.hooks)
     trace = Trace(spec=spec, plan=plan, dtype=np.dtype(dtype).name)

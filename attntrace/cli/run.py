@@ -130,7 +130,6 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     import contextlib
     import sys
 
-    from attntrace.analysis.actions import command_hooks
     from attntrace.analysis.run import load
     from attntrace.core.plan import plan_from_spec
     from attntrace.errors import EXIT_CHECK_FAILED, EXIT_OK, input_error
@@ -141,7 +140,13 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
     loaded = load(source if source is not None else BUILTIN_EXAMPLE)
     plan = plan_from_spec(loaded)
     check_selection(plan, heads=heads, batch=batch, layers=layers)
-    extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
+    hooked = bool(hook_texts or hook_file is not None or loaded.hooks)
+    if hooked:
+        from attntrace.analysis.actions import command_hooks
+        extra_hooks, inputs = command_hooks(hook_texts, hook_file, loaded)
+    else:                               # the hook actions are not loaded: ~4 ms of a small run
+        from attntrace.inputs.files import input_files
+        extra_hooks, inputs = [], input_files(loaded)
     targets = check_targets(exports, inputs)
     from attntrace.render.export import Exports
     export_files = Exports(targets, shown=parse_steps(steps, plan) if steps else None, protected=inputs)
@@ -205,8 +210,10 @@ def run(spec, model, texts, id_rows, layers, steps, heads, batch, precision, wid
             options.notes.append("a model's trace shows every layer's weights and its output; --steps all shows "
                                  "every step (--steps LIST some)")
 
-        from attntrace.analysis.actions import hook_summary
-        hooks_note = hook_summary(loaded, extra_hooks)
+        hooks_note = ""
+        if hooked:
+            from attntrace.analysis.actions import hook_summary
+            hooks_note = hook_summary(loaded, extra_hooks)
 
         summary = None
         if head_summary:

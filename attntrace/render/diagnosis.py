@@ -7,7 +7,6 @@ from typing import Dict, List, Tuple
 
 from rich.console import Group
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from attntrace.hookpoints import split_name
@@ -32,6 +31,7 @@ def diagnosis_panel(d, also: str = "") -> Panel:
     if d.rule:
         parts.append(Text.assemble(("rule  ", "dim"), d.rule))
     if d.operands:
+        from rich.table import Table  # only shape errors draw one: rich.table (and fractions) cost ~5 ms
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold dim")
         for column in ("operand", "shape", "axes", "from", "where"):
             table.add_column(column)
