@@ -7,6 +7,10 @@
 One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .npy files
 (x and W_q, W_k, W_v, W_o), written to a temporary folder.  Sections:
 
+0. **Start-up**, first (a user's start, not one on a machine busy reclaiming the memory of the
+   gigabyte runs below): ``attntrace --help``, ``attntrace run`` (the built-in example) and, for
+   scale, a bare ``python -c "import numpy, rich, yaml, click, ..."`` -- the imports the run
+   cannot avoid -- each in a fresh interpreter, interleaved round by round.
 1. **Full traces** at each ``--sizes`` (default 1k/2k/4k), the implementations interleaved
    (each round runs every one once, in a rotated order, with a 0.1 s pause between them:
    OpenBLAS threads spin for a while after a product) and the median of ``--repeat`` rounds:
@@ -29,9 +33,7 @@ One causal attention layer, d_model 768, 12 heads, float32, inputs as float32 .n
 2. **Chunked attention** (``run(spec, chunk=N)``) at ``--chunked`` sizes (default 8k/16k), each
    in a fresh interpreter, with its peak RSS (``resource.getrusage`` maxrss, read by a small launcher
    process: a child forked straight from this one would count this process's RSS as its own).
-3. **Start-up**: ``attntrace --help`` and ``attntrace run`` (the built-in example) in a fresh
-   interpreter each.
-4. **Render** of a 2k trace (the rich output to /dev/null), and the command ``attntrace run`` on a
+3. **Render** of a 2k trace (the rich output to /dev/null), and the command ``attntrace run`` on a
    2k trace with and without ``--export trace.json``, alternately, each in a fresh interpreter
    (imports not timed; the last export deleted and the disk synced before each; with an
    address-space cap, ``--export-cap``, and a time limit, so a run that would not fit fails
@@ -178,15 +180,11 @@ def interleaved(cases, repeat: int):
     return times
 
 
-def fresh(args, repeat: int, cwd=None):
-    """Median and all wall times of `python args...` in a fresh interpreter, output to /dev/null."""
-    times = []
-    for _ in range(repeat + 1):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, *args], check=True, env=ENV, cwd=cwd,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), times[1:]
+def fresh_time(args) -> float:
+    """Wall time of `python args...` in a fresh interpreter, output to /dev/null."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
 def ms(seconds: float) -> str:
@@ -317,13 +315,24 @@ def section_startup(repeat: int) -> None:
     # compiles an installed package once, at install: so do that first
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "attntrace")], check=True,
                    stdout=subprocess.DEVNULL)
-    print(f"\n## Start-up (fresh interpreter each, median of {repeat}; bytecode compiled, as pip installs it)")
-    help_t, help_all = fresh(["-m", "attntrace", "--help"], repeat)
-    run_t, run_all = fresh(["-m", "attntrace", "run"], repeat)
-    print(f"  attntrace --help              {ms(help_t)}   (target ≤ 150 ms)   all: "
-          + " ".join(f"{t * 1000:.0f}" for t in help_all))
-    print(f"  attntrace run (built-in)      {ms(run_t)}   (target ≤ 400 ms)   all: "
-          + " ".join(f"{t * 1000:.0f}" for t in run_all))
+    print(f"\n## Start-up (fresh interpreter each, median of {repeat}, interleaved; bytecode compiled, as pip "
+          f"installs it)")
+    commands = {"floor": ["-c", "import numpy, numpy.random, rich.console, rich.text, rich.panel, yaml, click"],
+                "help": ["-m", "attntrace", "--help"], "run": ["-m", "attntrace", "run"]}
+    times: dict = {name: [] for name in commands}
+    for _ in range(repeat + 1):             # round by round, so a slow spell slows all three
+        for name, args in commands.items():
+            times[name].append(fresh_time(args))
+    median = {name: statistics.median(values[1:]) for name, values in times.items()}
+
+    def show(label, name, target):
+        print(f"  {label:<28s}{ms(median[name])}   {target:<20s}all: "
+              + " ".join(f"{t * 1000:.0f}" for t in times[name][1:]))
+    show("attntrace --help", "help", "(target ≤ 150 ms)")
+    show("attntrace run (built-in)", "run", "(target ≤ 400 ms)")
+    show("python: numpy, rich, yaml, click", "floor", "(imports only)")
+    print(f"  attntrace's own part of the built-in run: {ms(median['run'] - median['floor']).strip()} "
+          f"(the run less the imports it cannot avoid)")
 
 
 COMMAND_CODE = """
@@ -427,7 +436,7 @@ def main() -> None:
     parser.add_argument("--chunked", default="8192,16384", help="chunked sizes ('' for none)")
     parser.add_argument("--chunk", type=int, default=512, help="key block of the chunked runs")
     parser.add_argument("--repeat", type=int, default=7, help="rounds of the interleaved timings")
-    parser.add_argument("--startup-repeat", type=int, default=5)
+    parser.add_argument("--startup-repeat", type=int, default=9)
     parser.add_argument("--render-seq", type=int, default=2048)
     parser.add_argument("--no-torch", action="store_true", help="leave torch out even when installed")
     parser.add_argument("--no-export", action="store_true", help="skip the JSON export")
@@ -455,13 +464,13 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {load_average()}")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
+        section_startup(args.startup_repeat)    # first: a user's start, not one after the gigabyte runs below
         if sizes:
             section_full(sizes, args.repeat, use_torch, tmp)
         if sizes:
             section_memory(max(sizes), tmp)
         if chunked:
             section_chunked(chunked, args.chunk, tmp)
-        section_startup(args.startup_repeat)
         if args.render_seq:
             section_render_export(args.render_seq, max(3, args.repeat // 2), not args.no_export,
                                   int(args.export_cap * 2**30), args.export_limit, tmp)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -140,8 +141,11 @@ def test_big_matrices_are_elided(tmp_path, invoke):
         assert not [line for line in out.splitlines() if line[:1] in "░▒▓█"]      # no row wrapped
     code, out = invoke("run", tmp_path / "big.yaml", "--steps", "weights", "--head", "0", "--full", "--values",
                        "--width", "120")
-    assert code == 0 and "head 0 · keys 0–6 of 300" in out and "keys 294–299 of 300" in out
+    pages = [(int(a), int(b)) for a, b in re.findall(r"head 0 · keys (\d+)–(\d+) of 300", out)]
+    assert code == 0 and pages[0][0] == 0 and pages[-1][1] == 299       # every key, page after page
+    assert all(b + 1 == a for (_, b), (a, _) in zip(pages, pages[1:]))
     assert max(len(line) for line in out.splitlines()) <= 120       # pages fit the width
+    assert max(b - a + 1 for a, b in pages) >= 7                    # and filled: at least 7 columns fit
     # JSON carries a preview, not 2×300×300 values
     code, out = invoke("run", tmp_path / "big.yaml", "--format", "json")
     pattern = json.loads(out)["hooks"]["attn.hook_pattern"]

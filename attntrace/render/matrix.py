@@ -124,9 +124,10 @@ class Block:
     Matrices are laid out by hand rather than with rich.Table: a trace can hold
     hundreds of small matrices and Table's measuring dominated the run time."""
 
-    def __init__(self, lines: List[Text]):
+    def __init__(self, lines: List[Text], column_widths: Optional[List[int]] = None):
         self.lines = lines
         self.width = max((line.cell_len for line in lines), default=0)
+        self.column_widths = column_widths      # a matrix of numbers: each data column's width (for paging)
 
     def __rich_console__(self, console, options):
         # the lines are laid out to fit already: rendered as they are, without rich's wrapping
@@ -179,6 +180,10 @@ def matrix_block(view: MatrixView, precision: int) -> Block:
             rows.append(_row_gap(view.rows, i))
     widths = [max(row[c].cell_len for row in [header] + rows if not isinstance(row, Text))
               for c in range(len(header))]
+    data_widths, c = [], 1
+    for j in range(values.shape[1]):
+        data_widths.append(widths[c])
+        c += 2 if _gap_after(view.cols, j) else 1
     last_text_column = len(header) - 1 if view.row_top is not None else None
 
     def lay(cells: List[Text]) -> Text:
@@ -195,7 +200,7 @@ def matrix_block(view: MatrixView, precision: int) -> Block:
     lines.append(lay(header))
     lines.append(Text("─" * (sum(widths) + 2 * (len(widths) - 1)), style="dim"))
     lines.extend(row if isinstance(row, Text) else lay(row) for row in rows)
-    return Block(lines)
+    return Block(lines, data_widths)
 
 
 def side_by_side(blocks: Sequence[Block], width: int, gap: int = 4) -> Block:
@@ -294,34 +299,33 @@ def pooled_block(view: MatrixView) -> Block:
     return Block(lines)
 
 
-def column_pages(view: MatrixView, width: int, compact: bool, precision: int) -> List[MatrixView]:
-    """--full: a matrix wider than the terminal split into pages of whole columns ("columns 0–11 of 45")."""
+def column_pages(view: MatrixView, width: int, block: Block) -> List[MatrixView]:
+    """A matrix wider than the terminal (or --full) split into pages of whole columns ("keys 0–11
+    of 45"), as many as fit: numbers by the widths `block` (the whole matrix laid out) gave each
+    column, its labels, Σ and "max →" columns on every page; heatmaps at two cells a column."""
     import dataclasses
-    label = max((Text(str(r)).cell_len for r in view.row_labels), default=0) + 6
-    per_column = 2 if compact else precision + 8
-    extra = 0 if compact else 2 * (precision + 6)          # Σ and max → beside numbers
-    fit = max(1, (width - label - extra) // per_column)
-    if view.pooled or len(view.cols) <= fit:
+    if view.pooled:
         return [view]
-
-    def paged(size: int) -> List[MatrixView]:
-        pages = []
-        for start in range(0, len(view.cols), size):
-            cut = slice(start, start + size)
-            cols = view.cols[cut]
-            title = f"{view.title} · " if view.title else ""
-            pages.append(dataclasses.replace(view, values=view.values[:, cut], col_labels=list(view.col_labels)[cut],
-                                             cols=cols, title=f"{title}keys {int(cols[0])}–{int(cols[-1])} of "
-                                                              f"{view.full_cols}"))
-        return pages
-
-    pages = paged(fit)
-    # the estimate assumes short labels and numbers; wide ones (a long token, "max → token") need
-    # fewer columns a page: checked on the laid-out pages, as the reader will see them
-    while not compact and fit > 1 and any(matrix_block(page, precision).width > width for page in pages):
-        fit -= 1
-        pages = paged(fit)
-    return pages
+    n = len(view.cols)
+    if block.column_widths is not None:
+        widths = [w + 2 for w in block.column_widths]           # each with the gap before the next
+    else:
+        widths = [2] * n
+    room = width - (block.width - sum(widths))
+    cuts, start, used = [], 0, 0
+    for j, w in enumerate(widths):
+        if j > start and used + w > room:
+            cuts.append(slice(start, j))
+            start, used = j, 0
+        used += w
+    cuts.append(slice(start, n))
+    if len(cuts) == 1:
+        return [view]
+    title = f"{view.title} · " if view.title else ""
+    return [dataclasses.replace(view, values=view.values[:, cut], col_labels=list(view.col_labels)[cut],
+                                cols=view.cols[cut], title=f"{title}keys {int(view.cols[cut][0])}–"
+                                                           f"{int(view.cols[cut][-1])} of {view.full_cols}")
+            for cut in cuts]
 
 
 def heatmap_block(view: MatrixView) -> Block:

@@ -241,7 +241,7 @@ def matrix_grid(views, hook: str, options: ViewOptions, width: int, legend: str,
             view = _fit_pooled(view, width)
         block = heatmap_block(view) if compact else matrix_block(view, options.precision)
         if block.width > width or options.full:
-            pages = column_pages(view, width, compact, options.precision)
+            pages = column_pages(view, width, block)
             if len(pages) > 1:
                 blocks.extend(heatmap_block(p) if compact else matrix_block(p, options.precision) for p in pages)
                 continue
