@@ -326,7 +326,7 @@ def section_startup(repeat: int) -> None:
     median = {name: statistics.median(values[1:]) for name, values in times.items()}
 
     def show(label, name, target):
-        print(f"  {label:<28s}{ms(median[name])}   {target:<20s}all: "
+        print(f"  {label:<34s}{ms(median[name])}   {target:<20s}all: "
               + " ".join(f"{t * 1000:.0f}" for t in times[name][1:]))
     show("attntrace --help", "help", "(target ≤ 150 ms)")
     show("attntrace run (built-in)", "run", "(target ≤ 400 ms)")
